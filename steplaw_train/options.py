@@ -1,0 +1,28 @@
+"""RunOptions: how a run executes, as opposed to what it computes (RunSpec).
+
+None of these enter the run_id: changing where data lives, how often to checkpoint or which
+wandb project to log to must not turn a finished run into a "new" one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    data_root: Path = Path("data")  # tokenized datasets and the demo corpus cache
+    micro_batch_size: int | None = None  # None: largest divisor of the per-rank batch <= max_micro_batch
+    max_micro_batch: int = 8  # sequences per micro-batch when choosing automatically
+    precision: str = "auto"  # auto = bf16 on GPU (Transformer Engine spec), fp32 on CPU (local spec)
+    checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
+    keep_checkpoints: int = 1  # complete checkpoints kept on disk
+    divergence_factor: float = 3.0  # stop when loss > factor * best smoothed loss so far (after warmup)
+    wandb_project: str = "steplaw"
+    wandb_group: str | None = None  # the sweep name; None for a lone run
+    wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else "offline"
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+    extra: dict = field(default_factory=dict)  # free-form tags recorded in result.json

@@ -1,0 +1,295 @@
+"""RunSpec: one training run as an immutable value.
+
+Everything upstream (Hydra configs, grid expansion, guided search) produces RunSpecs; everything
+downstream (the trainer, launch, analysis) consumes them or the run directories they leave.
+The run_id is a hash of the canonical spec, so the same point of a grid never gets two ids and a
+changed spec never reuses one. Labels (model preset name, recipe name, sweep name) and execution
+details that do not change the mathematics (checkpoint interval, micro-batch size, wandb project)
+stay out of the hash: they live in `RunOptions` or are excluded explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from steplaw_train import params
+
+HASH_EXCLUDED = {("model", "name"), ("data", "recipe")}
+MIN_LR_MODES = ("fixed", "ratio")
+
+
+class SpecError(ValueError):
+    """A spec field has a value the harness cannot run; the message names the field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Mixture-of-experts layer settings (megatron-core MoE layer)."""
+
+    num_experts: int
+    topk: int
+    expert_ffn_hidden: int  # moeh: FFN width of one routed expert
+    shared_expert_ffn_hidden: int = 0  # 0 = no shared expert
+    dense_layers: int = 1  # the first `dense_layers` layers use a dense SwiGLU of ffn_hidden
+    aux_loss_coeff: float = 1e-2  # load-balancing loss weight (megatron moe_aux_loss_coeff)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Transformer shape: pre-norm RMSNorm, SwiGLU, RoPE, no linear biases, untied embeddings."""
+
+    name: str
+    hidden: int  # h
+    ffn_hidden: int  # ffnh (SwiGLU inner width)
+    heads: int  # numh
+    layers: int  # numl
+    init_std: float = 0.02
+    moe: MoESpec | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A data recipe: a weighted blend of named tokenized datasets.
+
+    `sources` holds (dataset name, weight) pairs; names resolve to Megatron indexed-dataset
+    prefixes under the data root at run time, so the spec (and run_id) is machine independent.
+    """
+
+    recipe: str
+    sources: tuple[tuple[str, float], ...]
+    tokenizer: str  # "byte" or the name of a trained tokenizer under the data root
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation of one run. Units: lr per step, batch_size in sequences, tokens = D."""
+
+    lr: float
+    batch_size: int  # global batch in sequences
+    tokens: int  # D: training tokens, one pass
+    seq_len: int = 2048
+    seed: int = 1234
+    min_lr: float = 1e-5  # the paper's fixed final LR
+    min_lr_mode: str = "fixed"  # "fixed": decay to min_lr; "ratio": decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05  # warmup = min(warmup_max_steps, round(fraction * iterations))
+    warmup_max_steps: int = 2000
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    log_interval: int = 1  # steps between logged losses (enters the smoothed final loss)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+
+    # ---- derived values, computed from the spec alone -------------------------------------
+    @property
+    def counts(self) -> params.Counts:
+        m, moe = self.model, self.model.moe
+        if moe is None:
+            return params.count(m.hidden, m.ffn_hidden, m.layers, self.train.seq_len)
+        return params.count(
+            m.hidden,
+            m.ffn_hidden,
+            m.layers,
+            self.train.seq_len,
+            num_experts=moe.num_experts,
+            topk=moe.topk,
+            moe_ffnh=moe.expert_ffn_hidden,
+            shared_ffnh=moe.shared_expert_ffn_hidden,
+            dense_layers=moe.dense_layers,
+        )
+
+    @property
+    def N(self) -> int:
+        return self.counts.N
+
+    @property
+    def Na(self) -> int:
+        return self.counts.Na
+
+    @property
+    def M(self) -> float:
+        return self.counts.M
+
+    @property
+    def D(self) -> int:
+        return self.train.tokens
+
+    @property
+    def C(self) -> float:
+        return self.counts.compute(self.train.tokens)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.seq_len
+
+    @property
+    def iterations(self) -> int:
+        """round(D / (bs * seq)): the paper's `ti`."""
+        return max(0, round(self.train.tokens / self.tokens_per_step))
+
+    @property
+    def warmup_steps(self) -> int:
+        t = self.train
+        return min(t.warmup_max_steps, max(1, round(t.warmup_fraction * self.iterations)))
+
+    @property
+    def final_lr(self) -> float:
+        t = self.train
+        return t.min_lr if t.min_lr_mode == "fixed" else t.lr * t.min_lr_ratio
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self)
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def derived(self) -> dict[str, Any]:
+        """The values a reader of spec.json should not have to recompute."""
+        return {
+            "run_id": self.run_id,
+            "N": self.N,
+            "Na": self.Na,
+            "M": self.M,
+            "D": self.D,
+            "C": self.C,
+            "iterations": self.iterations,
+            "warmup_steps": self.warmup_steps,
+            "final_lr": self.final_lr,
+            "bs_tokens": self.tokens_per_step,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        m = dict(d["model"])
+        moe = m.pop("moe", None)
+        model = ModelSpec(**m, moe=MoESpec(**moe) if moe else None)
+        data = dict(d["data"])
+        data["sources"] = tuple((str(n), float(w)) for n, w in data["sources"])
+        return cls(model=model, data=DataSpec(**data), train=TrainSpec(**d["train"]))
+
+    def with_train(self, **changes: Any) -> RunSpec:
+        return replace(self, train=replace(self.train, **changes))
+
+
+def canonical_json(spec: RunSpec) -> str:
+    """The hashed form: sorted keys, labels removed, floats by repr (exact round trip)."""
+    d = spec.to_dict()
+    for section, key in HASH_EXCLUDED:
+        d[section].pop(key, None)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(spec: RunSpec) -> str:
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:12]
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise SpecError(name, f"must be a positive finite number, got {value!r}")
+
+
+def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None = None) -> None:
+    """Raise SpecError naming the first bad field; checks only what the spec alone decides."""
+    m, t, d = spec.model, spec.train, spec.data
+    for f in ("hidden", "ffn_hidden", "heads", "layers"):
+        v = getattr(m, f)
+        if not isinstance(v, int) or v <= 0:
+            raise SpecError(f"model.{f}", f"must be a positive integer, got {v!r}")
+    if m.hidden % m.heads:
+        raise SpecError("model.heads", f"{m.heads} does not divide model.hidden={m.hidden}")
+    if m.moe is not None:
+        e = m.moe
+        if e.num_experts < 1:
+            raise SpecError("model.moe.num_experts", f"must be >= 1, got {e.num_experts}")
+        if not 1 <= e.topk <= e.num_experts:
+            raise SpecError(
+                "model.moe.topk", f"must be in [1, num_experts={e.num_experts}], got {e.topk}"
+            )
+        if e.expert_ffn_hidden <= 0:
+            raise SpecError("model.moe.expert_ffn_hidden", f"must be > 0, got {e.expert_ffn_hidden}")
+        if e.shared_expert_ffn_hidden < 0:
+            raise SpecError("model.moe.shared_expert_ffn_hidden", "must be >= 0")
+        if not 0 <= e.dense_layers < m.layers:
+            raise SpecError(
+                "model.moe.dense_layers", f"must be in [0, layers={m.layers}), got {e.dense_layers}"
+            )
+    _positive("train.lr", t.lr)
+    if not isinstance(t.batch_size, int) or t.batch_size <= 0:
+        raise SpecError("train.batch_size", f"must be a positive integer, got {t.batch_size!r}")
+    if not isinstance(t.seq_len, int) or t.seq_len <= 0:
+        raise SpecError("train.seq_len", f"must be a positive integer, got {t.seq_len!r}")
+    if t.tokens < spec.tokens_per_step:
+        raise SpecError(
+            "train.tokens",
+            f"{t.tokens} is smaller than one step (batch_size*seq_len = {spec.tokens_per_step})",
+        )
+    if t.min_lr_mode not in MIN_LR_MODES:
+        raise SpecError("train.min_lr_mode", f"must be one of {MIN_LR_MODES}, got {t.min_lr_mode!r}")
+    if t.min_lr < 0:
+        raise SpecError("train.min_lr", f"must be >= 0, got {t.min_lr}")
+    if spec.final_lr > t.lr:
+        raise SpecError("train.lr", f"peak lr {t.lr} is below the final lr {spec.final_lr}")
+    if not 0 <= t.warmup_fraction < 1:
+        raise SpecError("train.warmup_fraction", f"must be in [0, 1), got {t.warmup_fraction}")
+    if t.log_interval < 1:
+        raise SpecError("train.log_interval", f"must be >= 1, got {t.log_interval}")
+    if not d.sources:
+        raise SpecError("data.sources", "a recipe needs at least one dataset")
+    for name, w in d.sources:
+        if not (w > 0 and math.isfinite(w)):
+            raise SpecError("data.sources", f"weight of {name!r} must be positive, got {w}")
+    if d.vocab_size <= 0:
+        raise SpecError("data.vocab_size", f"must be positive, got {d.vocab_size}")
+    if micro_batch_size is not None:
+        if micro_batch_size <= 0:
+            raise SpecError("options.micro_batch_size", f"must be positive, got {micro_batch_size}")
+        if t.batch_size % (micro_batch_size * data_parallel):
+            raise SpecError(
+                "train.batch_size",
+                f"{t.batch_size} is not a multiple of micro_batch_size*data_parallel "
+                f"= {micro_batch_size}*{data_parallel}",
+            )
+
+
+def from_plain(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    """Build a dataclass from a plain dict, naming unknown keys with the allowed ones."""
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(d) - allowed
+    if unknown:
+        raise SpecError(
+            f"{prefix}.{sorted(unknown)[0]}", f"unknown field; allowed: {sorted(allowed)}"
+        )
+    return cls(**d)
+
+
+__all__ = [
+    "DataSpec",
+    "ModelSpec",
+    "MoESpec",
+    "RunSpec",
+    "SpecError",
+    "TrainSpec",
+    "canonical_json",
+    "from_plain",
+    "run_id",
+    "validate",
+]
