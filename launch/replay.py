@@ -1,0 +1,125 @@
+"""An executor that "runs" a grid point by looking its loss up in a measured table.
+
+It lets the law-guided search (steplaw_train.search) be proven on released data without GPUs:
+the search proposes grid points, this executor answers with the measured smoothed loss and counts
+what the runs would have cost. Only points that exist in the table can be run.
+
+Grid points are identified in log space: the release rounds lr inconsistently (0.000345 and
+0.0003453 are the same point), so values within `LOG_TOL` of each other are one point. Several
+runs at one point (seeds) are one point whose loss is their mean and whose cost is all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis import collect
+from steplaw_train.search import Cell, Proposal
+
+LOG_TOL = 0.02  # values within 2% are the same grid value
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """One cell of the table: the search's view (`cell`) and the answers (`losses`, `runs`)."""
+
+    cell: Cell
+    n: float
+    na: float
+    losses: tuple[float, ...]  # smoothed loss per grid point (inf = diverged)
+    runs: tuple[int, ...]  # measured runs per grid point
+
+    @property
+    def total_runs(self) -> int:
+        return sum(self.runs)
+
+    def argmin(self) -> int:
+        return int(np.argmin(self.losses))
+
+
+def snap(values: Iterable[float], tol: float = LOG_TOL) -> dict[float, float]:
+    """Map each value to its grid value: the median of the values within `tol` in log space."""
+    vals = sorted(set(float(v) for v in values))
+    out: dict[float, float] = {}
+    group: list[float] = []
+    for v in vals + [math.inf]:
+        if group and (v == math.inf or math.log(v) - math.log(group[-1]) > tol):
+            rep = float(np.median(group))
+            out.update(dict.fromkeys(group, rep))
+            group = []
+        group.append(v)
+    return out
+
+
+def _label(row: Mapping[str, object], key: list[str]) -> str:
+    parts = [f"N={float(row['N']) / 1e6:.0f}M", f"D={float(row['D']) / 1e9:.3g}B"]
+    for k in key:
+        if k not in ("N", "D"):
+            parts.append(f"{k}={row[k]}")
+    return " ".join(parts)
+
+
+def build_grid(df: pd.DataFrame, law_n: str = "N") -> list[CellGrid]:
+    """One CellGrid per cell of a tidy run table (rows with an excluded_reason are not served)."""
+    if law_n not in ("N", "Na"):
+        raise ValueError(f"law_n: {law_n!r} (allowed: N, Na)")
+    ok = collect.used(df)
+    ok = ok[ok["smooth_loss"].notna()]
+    if ok.empty:
+        raise ValueError("data: no usable runs (every row has an excluded_reason)")
+    key = collect.cell_key(ok)
+    grids: list[CellGrid] = []
+    labels: set[str] = set()
+    for _, g in ok.groupby(key, dropna=False, sort=True):
+        lr_map, bs_map = snap(g["lr"]), snap(g["bs"])
+        seq = float(g["seq_len"].iloc[0])
+        pts = g.assign(plr=g["lr"].map(lr_map), pbs=g["bs"].map(bs_map))
+        agg = pts.groupby(["plr", "pbs"], sort=True)["smooth_loss"].agg(["mean", "size"])
+        first = g.iloc[0]
+        label = _label(first, key)
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        na = float(first["Na"]) if math.isfinite(float(first["Na"])) else float(first["N"])
+        cell = Cell(
+            key=label,
+            n_law=float(first[law_n]),
+            d=float(first["D"]),
+            cost=na * float(first["D"]),
+            seq_len=int(seq),
+            points=tuple((float(lr), float(bs)) for lr, bs in agg.index),
+        )
+        grids.append(CellGrid(cell, float(first["N"]), na, tuple(agg["mean"]), tuple(agg["size"])))
+    return grids
+
+
+class TableExecutor:
+    """Answers proposals from the table and counts the runs each cell has used."""
+
+    def __init__(self, grids: Iterable[CellGrid]):
+        self._grids = {g.cell.key: g for g in grids}
+        self._ran: dict[str, set[int]] = {k: set() for k in self._grids}
+
+    def run(self, proposals: Iterable[Proposal]) -> dict[Proposal, float]:
+        out: dict[Proposal, float] = {}
+        for p in proposals:
+            g = self._grids.get(p.cell)
+            if g is None:
+                raise KeyError(f"proposal.cell: {p.cell!r} is not in the table")
+            if not 0 <= p.index < len(g.losses) or g.cell.points[p.index] != (p.lr, p.bs):
+                raise ValueError(f"proposal: {p} is not a grid point of the table")
+            if p.index in self._ran[p.cell]:
+                raise ValueError(f"proposal: {p} was already run")
+            self._ran[p.cell].add(p.index)
+            out[p] = g.losses[p.index]
+        return out
+
+    def runs_in(self, key: str) -> int:
+        """Measured runs used in a cell (a point with several seeds counts all of them)."""
+        g = self._grids[key]
+        return sum(g.runs[i] for i in self._ran[key])

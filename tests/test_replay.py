@@ -1,0 +1,157 @@
+"""Acceptance tests of the guided search replayed on the authors' released measurements.
+
+The targets (issue 6) are computed here from the real replay, never hard-coded results:
+with the published Step Law as prior ≤5% of the grid's GPU-hours, mean gap ≤0.1‰, max ≤0.5‰;
+with no prior ≤10% and mean gap ≤0.2‰. Plus the MoE schema, the CLI and determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import collect
+from analysis.replay import main, replay
+from launch.replay import TableExecutor, build_grid, snap
+from steplaw_train.search import Proposal, SearchConfig
+
+DENSE = collect.released_dense_csv()
+needs_data = pytest.mark.skipif(not DENSE.is_file(), reason=f"released data not found at {DENSE}")
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return collect.read_released(DENSE)
+
+
+@needs_data
+def test_steplaw_prior_meets_targets(dense):
+    reports, tot, _ = replay(dense, SearchConfig(prior="steplaw"))
+    assert len(reports) == 17
+    assert tot["gpu_hours_fraction"] <= 0.05
+    assert tot["mean_gap_permille"] <= 0.1
+    assert tot["max_gap_permille"] <= 0.5
+    # sanity of the accounting: every cell ran something, never more than its grid
+    assert all(0 < r.runs <= r.grid_runs for r in reports)
+    assert all(r.gap_permille >= 0 for r in reports)
+
+
+@needs_data
+def test_no_prior_meets_targets(dense):
+    _, tot, _ = replay(dense, SearchConfig(prior="none"))
+    assert tot["gpu_hours_fraction"] <= 0.10
+    assert tot["mean_gap_permille"] <= 0.2
+
+
+@needs_data
+def test_chosen_point_was_run_and_gap_is_measured(dense):
+    reports, _, state = replay(dense, SearchConfig())
+    grids = {g.cell.key: g for g in build_grid(dense)}
+    for r in reports:
+        g = grids[r.cell]
+        i, loss = state.best(r.cell)
+        assert i in state.results[r.cell]
+        assert g.cell.points[i] == (r.lr, r.bs) and g.losses[i] == loss
+        assert r.grid_min_loss == min(g.losses)
+        assert r.gap_permille == pytest.approx(1000 * (loss / min(g.losses) - 1))
+
+
+@needs_data
+def test_cli_json_is_deterministic(capsys):
+    outs = []
+    for _ in range(2):
+        assert main(["--data", str(DENSE), "--prior", "steplaw", "--json"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+    doc = json.loads(outs[0])
+    for k in (
+        "gpu_hours_fraction",
+        "runs_fraction",
+        "mean_gap_permille",
+        "max_gap_permille",
+        "cells",
+    ):
+        assert k in doc
+    assert len(doc["cells"]) == 17
+    assert {"runs", "grid_runs", "gpu_hours_fraction", "lr", "bs", "gap_permille"} <= set(
+        doc["cells"][0]
+    )
+    assert main(["--data", str(DENSE)]) == 0
+    table = capsys.readouterr().out
+    assert "GPU-hours" in table and "N=1074M D=56.9B" in table
+
+
+def test_lr_rounding_is_one_grid_point():
+    m = snap([0.000345, 0.0003453, 0.000488, 0.0004883, 0.00069])
+    assert m[0.000345] == m[0.0003453] != m[0.000488] == m[0.0004883]
+    assert len(set(m.values())) == 3
+
+
+def _moe_table(path, seed: int = 0) -> pd.DataFrame:
+    """A released-MoE-schema CSV over a synthetic bowl: 3 cells, rounding noise in lr, a hole."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    cells = [(2.1e9, 2.4e8, 2e9, 89, 1), (2.1e9, 4.3e8, 4e9, 88, 2), (1.2e9, 6.2e8, 8e9, 8, 3)]
+    for n, na, d, e, k in cells:
+        opt_lr = 1.79 * na**-0.713 * d**0.307 * 1.4  # off the law so the search must move
+        opt_bs = 0.58 * d**0.571 / 4096
+        for i in range(12):
+            lr = 2.0 ** (-12 + 0.5 * i)
+            for bs in (16, 32, 64, 128, 256, 512, 1024):
+                if i == 5 and bs == 64:
+                    continue  # the released grids are not full rectangles
+                u = np.array([math.log(lr / opt_lr), math.log(bs / opt_bs)])
+                loss = 2.3 * (1 + 0.5 * u @ np.array([[0.013, -0.005], [-0.005, 0.012]]) @ u)
+                loss *= 1 + 2e-4 * rng.standard_normal()
+                rows.append({
+                    "seq_len": 4096, "topk": k, "nume": e, "moeh": 704, "sed": 42, "h": 1408,
+                    "ffnh": 5632, "numh": 11, "numl": 16, "lr": float(f"{lr:.4g}"), "bs": bs,
+                    "ti": int(d / (bs * 4096)), "loss": loss * 1.01, "smooth loss": loss,
+                    "exp_name": f"moe_e{e}_k{k}_lr{lr:.3e}_bs{bs}", "N": n, "Na": na,
+                    "M": 6 * na, "D": d, "moe_name": f"e{e}k{k}",
+                })  # fmt: skip
+    df = pd.DataFrame(rows)
+    df.to_csv(path, index=False)
+    return df
+
+
+@pytest.mark.parametrize("prior", ["steplaw", "none"])
+def test_moe_schema_replays(tmp_path, capsys, prior):
+    path = tmp_path / "moe.csv"
+    raw = _moe_table(path)
+    assert main(["--data", str(path), "--prior", prior, "--law-n", "Na", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["cells"]) == 3
+    # GPU-hours use activated parameters: recompute the fraction from the per-cell runs
+    cost = {(c["N"], c["D"]): c["Na"] * c["D"] for c in doc["cells"]}
+    spent = sum(c["runs"] * cost[(c["N"], c["D"])] for c in doc["cells"])
+    total = sum(raw.Na * raw.D)
+    assert doc["gpu_hours_fraction"] == pytest.approx(spent / total)
+    assert doc["runs_fraction"] < 0.5
+    assert doc["max_gap_permille"] < 1.0
+
+
+def test_executor_rejects_unknown_points(tmp_path):
+    path = tmp_path / "moe.csv"
+    _moe_table(path)
+    grids = build_grid(collect.read_released(path))
+    ex = TableExecutor(grids)
+    key = grids[0].cell.key
+    lr, bs = grids[0].cell.points[0]
+    ex.run([Proposal(key, 0, lr, bs)])
+    with pytest.raises(ValueError, match="already run"):
+        ex.run([Proposal(key, 0, lr, bs)])
+    with pytest.raises(ValueError, match="not a grid point"):
+        ex.run([Proposal(key, 1, 1.0, 1.0)])
+    assert ex.runs_in(key) == 1
+
+
+def test_missing_columns_fail_cleanly(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("h,lr\n1,0.1\n")
+    assert main(["--data", str(bad)]) == 2
+    assert "missing required columns" in capsys.readouterr().err
