@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import pandas as pd
 
 from analysis import collect
-from launch.replay import TableExecutor, build_grid
+from launch.replay import CellGrid, TableExecutor, build_grid
 from steplaw_train import search
 
 
@@ -47,7 +47,13 @@ def replay(
     df: pd.DataFrame, config: search.SearchConfig, law_n: str = "N"
 ) -> tuple[list[CellReport], dict[str, float], search.SearchState]:
     """Run the search over the table's cells; per-cell reports, totals and the final state."""
-    grids = build_grid(df, law_n=law_n)
+    return replay_grids(build_grid(df, law_n=law_n), config)
+
+
+def replay_grids(
+    grids: Sequence[CellGrid], config: search.SearchConfig
+) -> tuple[list[CellReport], dict[str, float], search.SearchState]:
+    """`replay` on grids already built (the benchmark perturbs grids, not CSV rows)."""
     executor = TableExecutor(grids)
     state = search.SearchState.create([g.cell for g in grids], config)
     while not state.done:

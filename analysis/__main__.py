@@ -1,0 +1,89 @@
+"""`python -m analysis report | predict | replay` (thin shell over plain functions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis import report
+
+    src = Path(args.source)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report"
+    if not src.is_dir() and not args.out:
+        out = Path.cwd() / f"report_{src.stem}"
+    settings = report.Settings(
+        threshold=args.threshold, n_boot=args.n_boot, seed=args.seed, n_col=args.n,
+        surface_window=args.surface_window, min_runs=args.min_runs, laws=tuple(args.law or ()),
+    )  # fmt: skip
+    report.run(src, out, settings, figures=not args.no_figures, quiet=args.quiet)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from analysis.predict import format_prediction, predict
+
+    print(format_prediction(predict(args.N, args.D, args.seq, args.fit)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("report", help="sweep dir or released CSV -> report directory")
+    r.add_argument("source", help="a sweep/runs directory or the authors' released CSV")
+    r.add_argument("--out", help="report directory (default: <sweep>/report or ./report_<csv>)")
+    r.add_argument(
+        "--threshold", type=float, default=0.0025, help="plateau: relative gap to the cell minimum"
+    )
+    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--n",
+        choices=("N", "Na"),
+        default="N",
+        help="which N laws see (MoE: total N or activated Na)",
+    )
+    r.add_argument(
+        "--surface-window",
+        type=float,
+        default=0.02,
+        help="grid points within this of the minimum enter the quadratic surface",
+    )
+    r.add_argument(
+        "--min-runs", type=int, default=3, help="cells with fewer usable runs are skipped"
+    )
+    r.add_argument("--law", action="append", help="compare only these laws (repeatable)")
+    r.add_argument("--no-figures", action="store_true")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_report)
+    q = sub.add_parser("predict", help="Step Law lr and bs with bootstrap intervals")
+    q.add_argument("--N", type=float, required=True, help="non-embedding parameters")
+    q.add_argument("--D", type=float, required=True, help="training tokens")
+    q.add_argument("--seq", type=int, default=2048, help="sequence length (for bs in sequences)")
+    q.add_argument(
+        "--fit", help="report directory (or bootstrap CSV) instead of the published fits"
+    )
+    q.set_defaults(func=_predict)
+    sub.add_parser("replay", help="replay a guided search (analysis.replay)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "replay":
+        from analysis import replay  # written separately; imported only when asked for
+
+        return int(replay.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Runs → one tidy table (one row per run), from the authors' released CSVs or our run directories.
+
+Every later step (fit, compare, report) reads only this table, so both sources must land in the
+same columns (`COLUMNS`, documented in docs/design.md and docs/analysis.md). Bad rows are never
+dropped: they stay in the table with `excluded_reason` set, so the report can list them.
+A diverged run is used, with `smooth_loss = inf` (worse than any finished run, never missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from steplaw_train import params
+from steplaw_train.smoothing import smoothed_final_loss
+
+COLUMNS = [
+    "run_id", "source", "status", "excluded_reason", "N", "Na", "D", "M", "C",
+    "h", "ffnh", "numh", "numl", "seq_len", "lr", "bs", "bs_tokens", "iterations", "steps",
+    "loss", "smooth_loss", "model_name", "recipe", "num_experts", "topk", "moe_ffnh",
+    "shared_ffnh", "seed",
+]  # fmt: skip
+
+DENSE_REQUIRED = ["h", "ffnh", "numh", "numl", "lr", "bs", "ti", "loss", "smooth loss", "D", "N"]
+MOE_REQUIRED = [
+    "seq_len", "topk", "nume", "moeh", "h", "ffnh", "numh", "numl", "lr", "bs", "ti",
+    "loss", "smooth loss", "N", "Na", "M", "D",
+]  # fmt: skip
+# Columns only the MoE release has: any of them present means "this is the MoE schema".
+MOE_MARKERS = {"nume", "moeh", "topk", "Na", "moe_name", "Na/N"}
+RELEASED_SEQ_LEN = 2048  # the dense release's bs is in sequences of 2,048 tokens
+
+# Axes along which the paper's robustness figures vary a cell at fixed (N, D).
+AXES: dict[str, list[str]] = {
+    "shape": ["h", "ffnh", "numh", "numl"],
+    "sparsity": ["Na", "num_experts", "topk", "moe_ffnh", "shared_ffnh"],
+    "recipe": ["recipe"],
+    "seq_len": ["seq_len"],
+}
+POSITIVE = ["N", "D", "lr", "bs"]
+
+
+def shared_dir() -> Path:
+    """The shared reference-data folder: $STEPLAW_SHARED, else `shared/` beside the repo."""
+    env = os.environ.get("STEPLAW_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+def released_dense_csv() -> Path:
+    return shared_dir() / "steplaw" / "dense_lr_bs_loss.csv"
+
+
+def released_bootstrap_csv() -> Path:
+    return shared_dir() / "steplaw" / "1004_fitted_lr_bs_scaling_model_parameters.csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# Released CSVs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_released(path: str | Path) -> pd.DataFrame:
+    """Read the authors' dense or MoE CSV (schema detected from its columns) into the tidy table.
+
+    Raises ValueError listing every missing required column, before any other work.
+    """
+    raw = pd.read_csv(path)
+    is_moe = bool(MOE_MARKERS & set(raw.columns))
+    required = MOE_REQUIRED if is_moe else DENSE_REQUIRED
+    missing = [c for c in required if c not in raw.columns]
+    if missing:
+        schema = "MoE" if is_moe else "dense"
+        raise ValueError(f"{path}: missing required columns for the {schema} schema: {missing}")
+    df = _released_moe(raw) if is_moe else _released_dense(raw)
+    return finalize(df)
+
+
+def _num(raw: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(raw[col], errors="coerce")
+
+
+def _released_common(raw: pd.DataFrame, seq_len: pd.Series) -> pd.DataFrame:
+    n = len(raw)
+    ids = raw["exp_name"].astype(str) if "exp_name" in raw else pd.Series(range(n)).astype(str)
+    if not ids.is_unique:  # keep ids unique so a run can be named in the report
+        ids = ids + "#" + pd.Series(range(n), index=ids.index).astype(str)
+    bs = _num(raw, "bs")
+    return pd.DataFrame(
+        {
+            "run_id": ids.to_numpy(),
+            "source": "released",
+            "status": "done",
+            "excluded_reason": None,
+            "N": _num(raw, "N"),
+            "D": _num(raw, "D"),
+            "h": _num(raw, "h"),
+            "ffnh": _num(raw, "ffnh"),
+            "numh": _num(raw, "numh"),
+            "numl": _num(raw, "numl"),
+            "seq_len": seq_len,
+            "lr": _num(raw, "lr"),
+            "bs": bs,
+            "bs_tokens": bs * seq_len,
+            "loss": _num(raw, "loss"),
+            "smooth_loss": _num(raw, "smooth loss"),
+        }
+    )
+
+
+def _released_dense(raw: pd.DataFrame) -> pd.DataFrame:
+    seq = pd.Series(RELEASED_SEQ_LEN, index=raw.index, dtype="float64")
+    df = _released_common(raw, seq)
+    df["Na"] = df["N"]
+    df["M"] = [
+        params.count(int(h), int(f), int(lyr), RELEASED_SEQ_LEN).M
+        if np.isfinite([h, f, lyr]).all()
+        else math.nan
+        for h, f, lyr in zip(df["h"], df["ffnh"], df["numl"], strict=True)
+    ]
+    df["iterations"] = _num(raw, "ti")
+    df["steps"] = _num(raw, "ti")
+    df["model_name"] = [
+        f"h{h:g}_ffnh{f:g}_numl{lyr:g}" for h, f, lyr in zip(df.h, df.ffnh, df.numl, strict=True)
+    ]
+    df["recipe"] = None
+    for c in ("num_experts", "topk", "moe_ffnh", "shared_ffnh"):
+        df[c] = 0
+    df["seed"] = math.nan
+    return df
+
+
+def _released_moe(raw: pd.DataFrame) -> pd.DataFrame:
+    df = _released_common(raw, _num(raw, "seq_len"))
+    df["Na"] = _num(raw, "Na")
+    df["M"] = _num(raw, "M")
+    df["iterations"] = _num(raw, "target_iter") if "target_iter" in raw else _num(raw, "ti")
+    df["steps"] = _num(raw, "final_iter") if "final_iter" in raw else _num(raw, "ti")
+    df["model_name"] = raw["moe_name"].astype(str) if "moe_name" in raw else None
+    df["recipe"] = None
+    df["num_experts"] = _num(raw, "nume")
+    df["topk"] = _num(raw, "topk")
+    df["moe_ffnh"] = _num(raw, "moeh")
+    df["shared_ffnh"] = math.nan  # not in the release's columns
+    df["seed"] = _num(raw, "sed") if "sed" in raw else math.nan
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_run_dirs(root: str | Path, max_depth: int = 4) -> Iterator[Path]:
+    """Every directory under `root` (root included) that holds a spec.json, sorted."""
+    root = Path(root)
+    if (root / "spec.json").is_file():
+        yield root
+        return
+    found: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if not e.is_dir(follow_symlinks=False) or e.name == "checkpoints":
+                continue
+            p = Path(e.path)
+            if os.path.isfile(os.path.join(e.path, "spec.json")):
+                found.append(p)
+            elif depth + 1 < max_depth:
+                stack.append((p, depth + 1))
+    yield from sorted(found)
+
+
+def collect_runs(path: str | Path) -> pd.DataFrame:
+    """The tidy table of every run directory under `path` (a sweep dir, a runs dir or one run)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    rows = [read_run_dir(d) for d in iter_run_dirs(path)]
+    df = pd.DataFrame(rows, columns=COLUMNS) if rows else pd.DataFrame(columns=COLUMNS)
+    return finalize(df)
+
+
+def _read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(path: Path) -> tuple[list[int], list[float], str | None]:
+    """(steps, losses, problem) from metrics.jsonl; a truncated last line is ignored silently.
+
+    A corrupt line anywhere else makes the series untrustworthy: `problem` says where.
+    """
+    steps: list[int] = []
+    losses: list[float] = []
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return steps, losses, f"metrics.jsonl unreadable ({e.__class__.__name__})"
+    lines = [ln for ln in lines if ln.strip()]
+    fast = _scan_metrics(lines)
+    if fast is not None:
+        return fast[0], fast[1], None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step, loss = int(rec["step"]), float(rec["loss"])
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                break  # partial write of the last line (a killed run): drop it
+            return steps, losses, f"metrics.jsonl corrupt at line {i + 1}"
+        steps.append(step)
+        losses.append(loss)
+    return steps, losses, None
+
+
+_STEP = re.compile(rb'"step"\s*:\s*(-?\d+)\s*[,}]')
+_LOSS = re.compile(rb'"loss"\s*:\s*(-?[0-9.eE+-]+|NaN|-?Infinity)\s*[,}]')
+
+
+def _scan_metrics(lines: list[bytes]) -> tuple[list[int], list[float]] | None:
+    """Fast path: pull step and loss out with two regexes (JSON decoding dominates collection).
+
+    Only trusted when every line yields exactly one of each; otherwise None, and the caller
+    parses line by line to find the bad one.
+    """
+    data = b"\n".join(lines)
+    steps, losses = _STEP.findall(data), _LOSS.findall(data)
+    if not (len(steps) == len(losses) == len(lines)) or data.count(b"{") != len(lines):
+        return None
+    try:
+        return [int(x) for x in steps], [float(x) for x in losses]
+    except ValueError:
+        return None
+
+
+def _log_interval(steps: list[int], default: int) -> int:
+    if len(steps) >= 2:
+        diffs = np.diff(steps)
+        if diffs.size and np.median(diffs) > 0:
+            return int(np.median(diffs))
+    return max(1, int(default))
+
+
+def _spec_row(run_dir: Path) -> tuple[dict[str, Any], int]:
+    """Table fields known from spec.json alone, and the spec's log interval."""
+    doc = _read_json(run_dir / "spec.json")
+    spec, derived = doc["spec"], doc.get("derived") or {}
+    if not {"N", "Na", "M", "D", "iterations"} <= set(derived):
+        from steplaw_train.spec import RunSpec  # recompute what the writer left out
+
+        derived = {**RunSpec.from_dict(spec).derived(), **derived}
+    m, t, d = spec["model"], spec["train"], spec["data"]
+    moe = m.get("moe") or {}
+    seq = int(t.get("seq_len", 2048))
+    row = {
+        "run_id": derived.get("run_id", run_dir.name),
+        "N": derived["N"],
+        "Na": derived["Na"],
+        "D": derived["D"],
+        "M": derived["M"],
+        "C": derived.get("C", derived["M"] * derived["D"]),
+        "h": m["hidden"],
+        "ffnh": m["ffn_hidden"],
+        "numh": m["heads"],
+        "numl": m["layers"],
+        "seq_len": seq,
+        "lr": t["lr"],
+        "bs": t["batch_size"],
+        "bs_tokens": t["batch_size"] * seq,
+        "iterations": derived["iterations"],
+        "model_name": m.get("name"),
+        "recipe": d.get("recipe"),
+        "num_experts": moe.get("num_experts", 0),
+        "topk": moe.get("topk", 0),
+        "moe_ffnh": moe.get("expert_ffn_hidden", 0),
+        "shared_ffnh": moe.get("shared_expert_ffn_hidden", 0),
+        "seed": t.get("seed"),
+    }
+    return row, int(t.get("log_interval", 1))
+
+
+def read_run_dir(run_dir: Path) -> dict[str, Any]:
+    """One row of the tidy table from a run directory (never raises on bad content)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(run_id=run_dir.name, source="runs", status="unreadable")
+    try:
+        spec_fields, log_interval = _spec_row(run_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        row["excluded_reason"] = f"spec.json unreadable ({e.__class__.__name__}: {e})"
+        return row
+    row.update(spec_fields)
+    steps, losses, problem = read_metrics(run_dir / "metrics.jsonl")
+    result_path = run_dir / "result.json"
+    if not result_path.is_file():
+        row.update(status="unfinished", steps=steps[-1] if steps else 0)
+        row["loss"] = losses[-1] if losses else math.nan
+        row["excluded_reason"] = "no result.json (run not finished)"
+        return row
+    try:
+        result = _read_json(result_path)
+        status = str(result["status"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        row.update(status="unreadable", excluded_reason=f"result.json unreadable ({e})")
+        return row
+    planned = int(result.get("planned_steps") or row["iterations"] or 0)
+    done_steps = int(result.get("steps", steps[-1] if steps else 0))
+    row.update(status=status, steps=done_steps, loss=result.get("final_loss", math.nan))
+    if status == "diverged":
+        row["smooth_loss"] = math.inf
+        return row
+    if problem is not None:
+        row["excluded_reason"] = problem
+    elif done_steps < planned:
+        row["excluded_reason"] = f"stopped at step {done_steps} of {planned} planned"
+    row["smooth_loss"] = _smooth(steps, losses, done_steps, log_interval, result)
+    return row
+
+
+def _smooth(steps: list[int], losses: list[float], done: int, interval: int, result: dict) -> float:
+    """Recompute the smoothed loss from the logged series when it is complete, else trust result."""
+    if steps and steps[-1] >= done:
+        return smoothed_final_loss(losses, _log_interval(steps, interval))
+    value = result.get("smooth_loss")
+    return float(value) if value is not None else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks and cell keys
+# ---------------------------------------------------------------------------------------------
+
+
+def finalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Order the columns, fill C, and flag rows whose values cannot enter a fit (vectorised).
+
+    A reason set while reading the run (e.g. a corrupt metrics.jsonl) is kept; otherwise the
+    first failing check, in the order below, names the problem.
+    """
+    df = df.reindex(columns=COLUMNS).reset_index(drop=True)
+    for c in ("N", "Na", "D", "M", "C", "lr", "bs", "bs_tokens", "loss", "smooth_loss"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    df["C"] = df["C"].fillna(df["M"] * df["D"])
+    reason = pd.Series(df["excluded_reason"].to_numpy(dtype=object), index=df.index, dtype=object)
+    reason = reason.where(reason.notna(), None)
+    for c in POSITIVE:
+        v = df[c]
+        msg = f"invalid {c}: " + v.map(repr) + " (must be a positive finite number)"
+        reason = _fill(reason, ~(np.isfinite(v) & (v > 0)), msg)
+    s = df["smooth_loss"]
+    reason = _fill(reason, s.isna() | (s <= 0), "invalid smooth_loss: " + s.map(repr))
+    steps = pd.to_numeric(df["steps"], errors="coerce")
+    planned = pd.to_numeric(df["iterations"], errors="coerce")
+    short = (df["source"] == "released") & (steps < planned)
+    msg = "stopped at step " + steps.map("{:g}".format) + " of " + planned.map("{:g}".format)
+    reason = _fill(reason, short, msg + " planned")
+    df["excluded_reason"] = reason
+    return df
+
+
+def _fill(reason: pd.Series, mask: pd.Series, text: pd.Series) -> pd.Series:
+    """`text` where `mask` holds and no reason is set yet."""
+    fresh = (mask & reason.isna()).to_numpy()
+    out = reason.copy()
+    out[fresh] = text[fresh].to_numpy()
+    return out
+
+
+def varying_axes(df: pd.DataFrame) -> dict[str, list[str]]:
+    """The robustness axes (shape, sparsity, recipe, seq_len) that vary inside some (N, D) pair."""
+    out: dict[str, list[str]] = {}
+    if df.empty:
+        return out
+    groups = df.groupby(["N", "D"], dropna=True)
+    for axis, cols in AXES.items():
+        varying = [c for c in cols if c in df and (groups[c].nunique(dropna=True) > 1).any()]
+        if varying:
+            out[axis] = varying
+    return out
+
+
+def cell_key(df: pd.DataFrame) -> list[str]:
+    """Columns that define a cell: N and D, plus every axis that varies at fixed (N, D)."""
+    key = ["N", "D"]
+    for cols in varying_axes(df).values():
+        key += [c for c in cols if c not in key]
+    return key
+
+
+def used(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that enter fits and comparisons."""
+    return df[df["excluded_reason"].isna()]
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    """A released CSV or a directory of run directories, whichever `path` is."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if p.is_dir():
+        return collect_runs(p)
+    if p.suffix.lower() == ".csv":
+        return read_released(p)
+    raise ValueError(f"{path}: expected a run/sweep directory or a released .csv file")

@@ -1,0 +1,355 @@
+"""`python -m analysis report`: a sweep directory or released CSV → a report directory.
+
+`analyse` is pure (tables and fit in memory); `write_report` does the files; `print_summary` the
+terminal. Files and summary.json keys are documented in docs/analysis.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import atomic, collect, compare, plots
+from analysis import cells as cells_mod
+from analysis import laws as laws_mod
+from analysis.fit import N_BOOT, THRESHOLD, StepLawFit, fit_step_law, optimal_points
+
+
+@dataclass(frozen=True)
+class Settings:
+    threshold: float = THRESHOLD
+    n_boot: int = N_BOOT
+    seed: int = 0
+    n_col: str = "N"  # which N the laws and the fit see: "N" (total) or "Na" (activated)
+    surface_window: float = compare.SURFACE_WINDOW
+    min_runs: int = cells_mod.MIN_RUNS
+    laws: tuple[str, ...] = ()  # empty = all
+
+    def check(self) -> None:
+        if self.n_col not in ("N", "Na"):
+            raise ValueError(f"n_col: must be 'N' (total) or 'Na' (activated), got {self.n_col!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold: must be in (0, 1), got {self.threshold}")
+        if self.n_boot < 0:
+            raise ValueError(f"n_boot: must be >= 0, got {self.n_boot}")
+        laws_mod.by_name(list(self.laws))
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything a report shows, before any file is written."""
+
+    source: str
+    settings: Settings
+    runs: pd.DataFrame
+    key: list[str]
+    cells: list[cells_mod.Cell]
+    skipped_cells: list[dict]
+    cell_table: pd.DataFrame
+    gaps: pd.DataFrame
+    gap_summary: pd.DataFrame
+    loo: pd.DataFrame
+    fit: StepLawFit | None
+    fit_problem: str | None
+    laws: tuple[laws_mod.Law, ...]
+    surfaces: dict = field(default_factory=dict)
+    robustness: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def fit_problem(cells: list[cells_mod.Cell], n_col: str) -> str | None:
+    """Why the Step Law fit is not identifiable on these cells (None if it is)."""
+    if not cells:
+        return "no usable cell"
+    ns = {c.inputs(n_col)["N"] for c in cells}
+    ds = {c.inputs(n_col)["D"] for c in cells}
+    if len(ds) < 2:
+        return f"needs at least 2 distinct D values, got {len(ds)}"
+    if len(ns) < 2:
+        return f"needs at least 2 distinct {n_col} values to fit the N exponent, got {len(ns)}"
+    x = np.log([[c.inputs(n_col)["N"], c.inputs(n_col)["D"]] for c in cells])
+    if np.linalg.matrix_rank(np.column_stack([np.ones(len(x)), x])) < 3:
+        return "N and D vary together across cells: their exponents cannot be separated"
+    return None
+
+
+def analyse(source: str | Path, settings: Settings = Settings()) -> Analysis:
+    """Collect, split into cells, fit, compare every law both ways, leave-one-cell-out."""
+    settings.check()
+    runs = collect.load(source)
+    key = collect.cell_key(runs)
+    cells, skipped = cells_mod.split_cells(runs, key, settings.min_runs)
+    cell_table = pd.DataFrame([cells_mod.summary(c, settings.threshold) for c in cells])
+    surfaces = {c.label: compare.fit_surface(c, settings.surface_window) for c in cells}
+    problem = fit_problem(cells, settings.n_col)
+    fit = None
+    if problem is None:
+        fit = fit_step_law(
+            cells, settings.threshold, settings.n_boot, settings.seed, settings.n_col
+        )
+    laws = laws_mod.by_name(list(settings.laws))
+    compared = laws + ((compare.fitted_law(fit),) if fit is not None else ())
+    gaps = compare.compare(cells, compared, settings.n_col, surfaces) if cells else pd.DataFrame()
+    loo = (
+        compare.leave_one_cell_out(cells, settings.threshold, settings.n_col, surfaces)
+        if problem is None and len(cells) > 3
+        else pd.DataFrame()
+    )
+    rob = {}
+    for axis, cols in collect.varying_axes(runs).items():
+        if not gaps.empty:
+            rob[axis] = compare.robustness(gaps, cell_table, cols)
+    return Analysis(
+        source=str(source), settings=settings, runs=runs, key=key, cells=cells,
+        skipped_cells=skipped, cell_table=cell_table, gaps=gaps,
+        gap_summary=compare.gap_summary(gaps) if not gaps.empty else pd.DataFrame(),
+        loo=loo, fit=fit, fit_problem=problem, laws=compare.prepare_laws(cells, compared, settings.n_col),
+        surfaces=surfaces, robustness=rob,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.json
+# ---------------------------------------------------------------------------------------------
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason with its numbers blanked, so that counts group like reasons together."""
+    return re.sub(r"-?\d+(\.\d+)?(e[+-]?\d+)?", "#", reason)
+
+
+def _stats(s: pd.Series) -> dict[str, float | int | None]:
+    s = s.dropna() if len(s) else s
+    if s.empty:
+        return {"mean": None, "max": None, "cells": 0}
+    return {"mean": float(s.mean()), "max": float(s.max()), "cells": int(s.size)}
+
+
+def summary(a: Analysis) -> dict:
+    """The machine-readable summary (keys documented in docs/analysis.md)."""
+    excl = a.runs["excluded_reason"].dropna()
+    gaps: dict[str, dict] = {}
+    for law in a.laws:
+        t = a.gaps[a.gaps["law"] == law.name] if not a.gaps.empty else a.gaps
+        gaps[law.name] = {
+            m: _stats(t[f"gap_{m}"]) if not t.empty else _stats(pd.Series(dtype=float))
+            for m in compare.METHODS
+        }
+        gaps[law.name].update(
+            lr_from=sorted(set(t["lr_from"])) if not t.empty else [],
+            bs_from=sorted(set(t["bs_from"])) if not t.empty else [],
+            formula={"lr": law.lr_formula, "bs_tokens": law.bs_formula},
+            note=law.note,
+        )
+    ct = a.cell_table
+    edges = (
+        ct[ct["lr_edge"].notna() | ct["bs_edge"].notna()][["cell", "lr_edge", "bs_edge"]]
+        if not ct.empty
+        else pd.DataFrame()
+    )
+    return {
+        "source": a.source,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "threshold": a.settings.threshold,
+            "n_boot": a.settings.n_boot,
+            "seed": a.settings.seed,
+            "n_col": a.settings.n_col,
+            "surface_window": a.settings.surface_window,
+            "min_runs": a.settings.min_runs,
+            "snap_tol": cells_mod.SNAP_TOL,
+            "cell_key": a.key,
+        },  # fmt: skip
+        "runs": {
+            "total": len(a.runs),
+            "used": int(a.runs["excluded_reason"].isna().sum()),
+            "excluded": int(excl.size),
+            "excluded_by_reason": {
+                k: int(v) for k, v in excl.map(_reason_kind).value_counts().items()
+            },
+            "diverged": int((a.runs["status"] == "diverged").sum()),
+        },
+        "cells": {
+            "used": len(a.cells),
+            "skipped": [{"cell": s["cell"], "reason": s["reason"]} for s in a.skipped_cells],
+            "edge_optima": _records(edges),
+            "surface_failed": {k: s.reason for k, s in a.surfaces.items() if not s.ok},
+        },
+        "gaps": gaps,
+        "fit": a.fit.to_dict() if a.fit is not None else {"skipped": a.fit_problem},
+        "loo": {m: _stats(a.loo[f"gap_{m}"]) for m in compare.METHODS}
+        if not a.loo.empty
+        else {"skipped": a.fit_problem or "needs more than 3 cells"},
+        "robustness": {axis: list(collect.AXES[axis]) for axis in a.robustness},
+        "laws": laws_mod.as_records(a.laws),
+    }
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    return json.loads(df.to_json(orient="records")) if not df.empty else []
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    return str(o)
+
+
+def _finite_json(obj: object) -> object:
+    """JSON has no inf/nan: write them as null so any reader can parse summary.json."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", label).strip("_")
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    atomic.write_text(path, df.to_csv(index=False))
+
+
+def write_tables(a: Analysis, out: Path) -> None:
+    _csv(a.runs, out / "runs.csv")
+    try:
+        import io
+
+        buf = io.BytesIO()
+        a.runs.astype(
+            {c: "string" for c in ("excluded_reason", "model_name", "recipe")}
+        ).to_parquet(buf)
+        atomic.write_bytes(out / "runs.parquet", buf.getvalue())
+    except ImportError:  # pyarrow is a declared dependency; a missing one costs only the parquet
+        pass
+    _csv(a.runs[a.runs["excluded_reason"].notna()], out / "excluded_runs.csv")
+    _csv(pd.DataFrame(a.skipped_cells), out / "skipped_cells.csv")
+    _csv(a.cell_table, out / "cells.csv")
+    _csv(a.gaps, out / "gaps.csv")
+    _csv(a.gap_summary, out / "gap_summary.csv")
+    _csv(a.loo, out / "loo.csv")
+    for axis, t in a.robustness.items():
+        _csv(t, out / f"robustness_{axis}.csv")
+    if a.fit is not None:
+        a.fit.write(out)
+        _csv(
+            optimal_points(a.cells, a.settings.threshold, a.settings.n_col),
+            out / "optimal_points.csv",
+        )
+
+
+def write_figures(a: Analysis, out: Path, progress: bool = True) -> list[Path]:
+    """One heatmap per cell, the optimum-vs-N/D plots, gap bars, robustness views."""
+    written = []
+    cells = a.cells
+    if progress:
+        from rich.progress import track
+
+        cells = track(cells, description="heatmaps", transient=True)
+    for c in cells:
+        preds = a.gaps[a.gaps["cell"] == c.label] if not a.gaps.empty else None
+        fig, ax = plots.new_figure(7.5, 5.5)
+        plots.heatmap(ax, c, preds, a.settings.threshold)
+        written.append(out / "heatmaps" / f"{_slug(c.label)}.png")
+        plots.save(fig, written[-1])
+    if a.fit is not None:
+        pts = optimal_points(a.cells, a.settings.threshold, a.settings.n_col)
+        for target, axis in (("lr", "N"), ("lr", "D"), ("bs_tokens", "D")):
+            fig, ax = plots.new_figure()
+            plots.optimum_vs(ax, pts, a.fit, target, axis)
+            written.append(out / "plots" / f"optimal_{target}_vs_{axis}.png")
+            plots.save(fig, written[-1])
+    if not a.gap_summary.empty:
+        fig, ax = plots.new_figure()
+        plots.gap_bars(ax, a.gap_summary)
+        written.append(out / "plots" / "gaps.png")
+        plots.save(fig, written[-1])
+    for axis, t in a.robustness.items():
+        col = collect.AXES[axis][0] if collect.AXES[axis][0] in t else t.columns[2]
+        fig, ax = plots.new_figure()
+        plots.robustness_view(ax, t, col)
+        written.append(out / "plots" / f"robustness_{axis}.png")
+        plots.save(fig, written[-1])
+    return written
+
+
+def write_report(a: Analysis, out: str | Path, figures: bool = True, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(a, out)
+    if figures:
+        write_figures(a, out, progress)
+    s = _finite_json(summary(a))
+    atomic.write_text(out / "summary.json", json.dumps(s, indent=2, default=_json_default))
+    return s
+
+
+def print_summary(s: dict, out: Path | None = None) -> None:
+    """A few tables on the terminal (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    r = s["runs"]
+    con.print(f"[bold]{s['source']}[/]: {r['total']} runs, {r['used']} used, "
+              f"{r['excluded']} excluded, {s['cells']['used']} cells")  # fmt: skip
+    for reason, n in r["excluded_by_reason"].items():
+        con.print(f"  excluded {n:>5} × {reason}")
+    for sk in s["cells"]["skipped"]:
+        con.print(f"  cell skipped: {sk['cell']}: {sk['reason']}")
+    for e in s["cells"]["edge_optima"]:
+        con.print(
+            f"  [yellow]optimum on a grid edge[/]: {e['cell']} (lr {e['lr_edge']}, bs {e['bs_edge']})"
+        )
+    t = Table(title="gap to the cell's grid minimum (per mille)")
+    for col in ("law", "mean nearest", "max nearest", "mean surface", "max surface", "filled"):
+        t.add_column(col)
+    for name, g in s["gaps"].items():
+        filled = ", ".join(
+            f"{k[:2]}←grid best" for k in ("lr_from", "bs_from") if "grid best" in g[k]
+        )
+        t.add_row(name, *(_f(g[m][k]) for m in compare.METHODS for k in ("mean", "max")), filled)
+    con.print(t)
+    fit = s["fit"]
+    if "skipped" in fit:
+        con.print(f"fit skipped: {fit['skipped']}")
+    else:
+        for k in ("lr", "bs", "bs_free"):
+            if k in fit:
+                ci = ", ".join(
+                    f"{f} [{a:.3f}, {b:.3f}]" for f, (a, b) in fit[k]["exponents_ci95"].items()
+                )
+                con.print(f"fit {fit[k]['formula']}   95% CI: {ci}")
+    if "nearest" in s["loo"]:
+        con.print(f"leave-one-cell-out gap (‰): nearest {_f(s['loo']['nearest']['mean'])}, "
+                  f"surface {_f(s['loo']['surface']['mean'])}")  # fmt: skip
+    if out is not None:
+        con.print(f"report written to {out}")
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def run(source: str | Path, out: str | Path, settings: Settings = Settings(),
+        figures: bool = True, quiet: bool = False) -> dict:  # fmt: skip
+    a = analyse(source, settings)
+    s = write_report(a, out, figures, progress=not quiet)
+    if not quiet:
+        print_summary(s, Path(out))
+    return s
