@@ -1,0 +1,273 @@
+"""How pending runs reach machines: submitit on SLURM (job arrays), locally, or in-process.
+
+* SLURM: runs are grouped by resource class (launch/resources.py); each class goes out as job
+  arrays of at most MaxArraySize - 1 tasks with an array throttle (`%N`), one sbatch per array.
+  Submission returns at once with the job ids. Jobs ask for a warning signal before their time
+  limit; `RunJob` is submitit-Checkpointable, so the signal requeues the same call, and the call
+  itself resumes from the run's own checkpoints — which also makes a plain `scontrol requeue`
+  (which restarts the job from scratch) safe.
+* local: submitit's LocalExecutor, one process per run, at most `parallelism` at a time, with a
+  progress line per finished run. Blocks until all runs end.
+* debug: submitit's DebugExecutor, in this process, one run after another. submitit opens pdb
+  on a failure; we collect the exception instead unless `launcher.pdb=true`.
+
+Every submission is recorded in `runs/<run_id>/launch.json` (attempts: executor, job id, log
+paths, end state) so that launch/status.py can tell queued, running, failed and preempted runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launch.resources import ResourceClass, ResourceModel, resource_class
+from launch.status import attempts
+from steplaw_train.options import RunOptions
+from steplaw_train.spec import RunSpec, SpecError
+
+LAUNCHERS = ("auto", "local", "slurm", "debug")
+SLURM_KEYS = {"partition", "account", "qos", "constraint", "setup", "array_parallelism",
+              "max_array_size", "signal_delay_s", "max_num_timeout", "mem_gb", "additional",
+              "container"}
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One training run as a submitit job. Checkpointable: on the warning signal submitit calls
+    `checkpoint()`, whose default resubmits this very call; `train.run` then resumes from the
+    run directory's latest complete checkpoint (and returns the result if already finished)."""
+
+    def __call__(self, spec: RunSpec, run_dir: str, options: RunOptions) -> dict:
+        from steplaw_train import train
+
+        return train.run(spec, Path(run_dir), options)
+
+
+# ---- records -----------------------------------------------------------------------------------
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_attempt(run_dir: Path, attempt: Mapping[str, Any], update_last: bool = False) -> None:
+    tries = attempts(run_dir)
+    if update_last and tries:
+        tries[-1] = {**tries[-1], **attempt}
+    else:
+        tries.append({"time": time.time(), **attempt})
+    write_json_atomic(run_dir / "launch.json", {"attempts": tries})
+
+
+# ---- plans (pure) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArrayChunk:
+    """One sbatch call: runs sharing a resource class, at most max_array_size - 1 of them."""
+
+    resources: ResourceClass
+    run_ids: tuple[str, ...]
+
+
+def plan_arrays(specs: Sequence[RunSpec], rm: ResourceModel, max_array_size: int) -> list[ArrayChunk]:
+    """Group by resource class, split at the cluster's MaxArraySize (indices 0..Max-1)."""
+    if max_array_size < 2:
+        raise SpecError("launcher.max_array_size", f"must be >= 2, got {max_array_size}")
+    groups: dict[ResourceClass, list[str]] = {}
+    for s in specs:
+        groups.setdefault(resource_class(s, rm), []).append(s.run_id)
+    size = max_array_size - 1
+    return [
+        ArrayChunk(rc, tuple(ids[i : i + size]))
+        for rc, ids in sorted(groups.items())
+        for i in range(0, len(ids), size)
+    ]
+
+
+def cluster_max_array_size(default: int = 1001) -> int:
+    """The cluster's MaxArraySize (scontrol show config), or `default` if it cannot be read."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return default
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(m.group(1)) if m else default
+
+
+def resolve_launcher(name: str) -> str:
+    if name not in LAUNCHERS:
+        raise SpecError("launcher.name", f"unknown launcher {name!r}; allowed: {list(LAUNCHERS)}")
+    if name == "auto":
+        from shutil import which
+
+        return "slurm" if which("sbatch") else "local"
+    return name
+
+
+def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one resource class and the launcher config."""
+    extra = {k: v for k, v in {"account": lc.get("account"), "qos": lc.get("qos"),
+                               "constraint": lc.get("constraint")}.items() if v}
+    extra.update(dict(lc.get("additional") or {}))
+    setup = list(lc.get("setup") or [])
+    params: dict[str, Any] = {
+        "timeout_min": rc.timeout_min,
+        "nodes": rc.nodes,
+        "tasks_per_node": max(1, rc.gpus_per_node),
+        "cpus_per_task": max(1, rc.cpus_per_task // max(1, rc.gpus_per_node)),
+        "slurm_signal_delay_s": int(lc.get("signal_delay_s", 120)),
+        "slurm_array_parallelism": int(lc.get("array_parallelism", 256)),
+        "slurm_setup": setup,
+        "slurm_additional_parameters": extra,
+    }
+    if rc.gpus_per_node:
+        params["gpus_per_node"] = rc.gpus_per_node
+    if lc.get("partition"):
+        params["slurm_partition"] = lc["partition"]
+    if lc.get("mem_gb"):
+        params["mem_gb"] = lc["mem_gb"]
+    return params
+
+
+# ---- submission (side effects) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Submitted:
+    job_ids: tuple[str, ...]  # one per run (array task ids on SLURM)
+    batch_calls: int  # sbatch calls (job arrays) made; 0 for local/debug
+    failed: tuple[str, ...] = ()  # run_ids whose local/debug run raised
+
+
+def submit_slurm(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
+                 lc: Mapping[str, Any], rm: ResourceModel) -> Submitted:
+    max_array = lc.get("max_array_size") or cluster_max_array_size()
+    by_id = {s.run_id: s for s in specs}
+    job_ids: list[str] = []
+    chunks = plan_arrays(specs, rm, int(max_array))
+    for chunk in chunks:
+        ex = submitit.AutoExecutor(folder=sweep_dir / "logs", cluster="slurm",
+                                   slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)))
+        ex.update_parameters(name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc))
+        dirs = [str(sweep_dir / "runs" / r) for r in chunk.run_ids]
+        jobs = ex.map_array(RunJob(), [by_id[r] for r in chunk.run_ids], dirs,
+                            [options] * len(dirs))
+        for rid, job in zip(chunk.run_ids, jobs, strict=True):
+            record_attempt(sweep_dir / "runs" / rid, {
+                "executor": "slurm", "job_id": job.job_id, "resources": chunk.resources.label(),
+                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+            job_ids.append(job.job_id)
+    return Submitted(tuple(job_ids), len(chunks))
+
+
+def _describe(spec: RunSpec) -> str:
+    return f"{spec.model.name} D={spec.D:.3g} lr={spec.train.lr:.4g} bs={spec.train.batch_size}"
+
+
+def _finish(run_dir: Path, job: submitit.Job) -> str | None:
+    """Record how a local/debug job ended; return the error text or None."""
+    err = job.exception()
+    if err is None:
+        record_attempt(run_dir, {"state": "done", "ended": time.time()}, update_last=True)
+        return None
+    text = f"{type(err).__name__}: {err}"
+    record_attempt(run_dir, {"state": "failed", "error": text[-2000:], "ended": time.time()},
+                   update_last=True)
+    return text
+
+
+def submit_local(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
+                 lc: Mapping[str, Any], out=sys.stderr) -> Submitted:
+    """Run on this machine, `parallelism` processes at a time; blocks until all end."""
+    parallelism = int(lc.get("parallelism", 2))
+    if parallelism < 1:
+        raise SpecError("launcher.parallelism", f"must be >= 1, got {parallelism}")
+    threads = lc.get("threads_per_run")
+    if threads:
+        options = replace(options, num_threads=int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    todo = deque(specs)
+    running: dict[submitit.Job, RunSpec] = {}
+    job_ids, failed = [], []
+    start, n_done = time.time(), 0
+    while todo or running:
+        while todo and len(running) < parallelism:
+            spec = todo.popleft()
+            run_dir = sweep_dir / "runs" / spec.run_id
+            ex = submitit.LocalExecutor(folder=sweep_dir / "logs")
+            ex.update_parameters(timeout_min=int(lc.get("timeout_min", 7 * 24 * 60)))
+            job = ex.submit(RunJob(), spec, str(run_dir), options)
+            record_attempt(run_dir, {"executor": "local", "job_id": job.job_id, "pid": int(job.job_id),
+                                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+            job_ids.append(job.job_id)
+            running[job] = spec
+        time.sleep(0.2)
+        for job in [j for j in running if j.done()]:
+            spec = running.pop(job)
+            err = _finish(sweep_dir / "runs" / spec.run_id, job)
+            n_done += 1
+            if err:
+                failed.append(spec.run_id)
+            elapsed = time.time() - start
+            eta = elapsed / n_done * (len(specs) - n_done)
+            word = f"FAILED {err.splitlines()[0][:120]}" if err else "done"
+            print(f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
+                  f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)", file=out, flush=True)
+    return Submitted(tuple(job_ids), 0, tuple(failed))
+
+
+def submit_debug(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
+                 lc: Mapping[str, Any], out=sys.stderr) -> Submitted:
+    """In this process, one run after another (breakpoints work; pdb only if launcher.pdb)."""
+    ex = submitit.DebugExecutor(folder=sweep_dir / "logs")
+    job_ids, failed = [], []
+    for i, spec in enumerate(specs, 1):
+        run_dir = sweep_dir / "runs" / spec.run_id
+        job = ex.submit(RunJob(), spec, str(run_dir), options)
+        record_attempt(run_dir, {"executor": "debug", "job_id": job.job_id, "pid": os.getpid(),
+                                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+        job_ids.append(job.job_id)
+        if lc.get("pdb"):
+            job.result()  # submitit's DebugJob drops into pdb on failure
+        err = _finish(run_dir, job)
+        if err:
+            failed.append(spec.run_id)
+            job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.paths.stderr, "a") as f:
+                f.write(err + "\n")
+        print(f"[{i}/{len(specs)}] {spec.run_id} {_describe(spec)}: {'FAILED ' + err if err else 'done'}",
+              file=out, flush=True)
+    return Submitted(tuple(job_ids), 0, tuple(failed))
+
+
+def _export_pythonpath() -> None:
+    """Jobs import steplaw_train even when it is run from a checkout rather than installed."""
+    root = str(Path(__file__).resolve().parents[1])
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
+def submit(launcher: str, specs: Iterable[RunSpec], sweep_dir: Path, options: RunOptions,
+           lc: Mapping[str, Any], rm: ResourceModel) -> Submitted:
+    specs = list(specs)
+    if not specs:
+        return Submitted((), 0)
+    _export_pythonpath()
+    if launcher == "slurm":
+        return submit_slurm(specs, sweep_dir, options, lc, rm)
+    if launcher == "local":
+        return submit_local(specs, sweep_dir, options, lc)
+    return submit_debug(specs, sweep_dir, options, lc)

@@ -1,0 +1,88 @@
+"""Resources per run from its FLOPs: GPUs, nodes and walltime, bucketed into a few classes.
+
+Compute is 6 * Na * D (Na = activated non-embedding parameters; N for dense models), the usual
+training-FLOPs estimate. Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
+powers of two minutes so that a grid of thousands of runs falls into a handful of resource classes,
+each of which becomes one SLURM job array (a few sbatch calls, never one per run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from steplaw_train.spec import RunSpec, SpecError
+
+
+@dataclass(frozen=True)
+class ResourceModel:
+    """Assumptions behind the estimate; configs/sweep.yaml `resources:` sets them."""
+
+    mfu: float = 0.35  # model FLOPs utilisation assumed for the estimate
+    peak_tflops: float = 989.0  # per device (H100 SXM bf16 dense); a CPU core is ~0.05
+    gpus_per_node: int = 8  # 0 = CPU-only jobs (the demo shapes, the CI cluster)
+    max_nodes: int = 16
+    target_hours: float = 24.0  # use more GPUs (powers of two) until a run fits in this time
+    safety: float = 1.5  # walltime = estimate * safety + overhead
+    overhead_min: float = 10.0  # start-up, data, checkpoints
+    min_timeout_min: int = 15
+    cpus_per_task: int = 1  # CPU-only jobs: threads per run
+    cpus_per_gpu: int = 8
+
+
+def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
+    d = dict(cfg or {})
+    allowed = {f.name for f in fields(ResourceModel)}
+    unknown = set(d) - allowed
+    if unknown:
+        raise SpecError(f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}")
+    rm = ResourceModel(**d)
+    if not (0 < rm.mfu <= 1):
+        raise SpecError("resources.mfu", f"must be in (0, 1], got {rm.mfu}")
+    return rm
+
+
+@dataclass(frozen=True, order=True)
+class ResourceClass:
+    """What one job asks SLURM for; runs with equal classes share a job array."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    timeout_min: int
+
+    def label(self) -> str:
+        dev = f"{self.nodes}x{self.gpus_per_node}gpu" if self.gpus_per_node else f"{self.cpus_per_task}cpu"
+        return f"{dev}/{self.timeout_min}min"
+
+
+def flops(spec: RunSpec) -> float:
+    """6 * Na * D training FLOPs."""
+    return 6.0 * spec.Na * spec.D
+
+
+def device_hours(spec: RunSpec, rm: ResourceModel) -> float:
+    """Estimated GPU-hours (CPU-core-hours for CPU-only jobs) of one run."""
+    return flops(spec) / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
+
+
+def _pow2_minutes(minutes: float, floor: int) -> int:
+    return max(floor, 2 ** math.ceil(math.log2(max(minutes, 1.0))))
+
+
+def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
+    hours = device_hours(spec, rm)
+    if rm.gpus_per_node == 0:
+        minutes = hours / rm.cpus_per_task * 60 * rm.safety + rm.overhead_min
+        return ResourceClass(1, 0, rm.cpus_per_task, _pow2_minutes(minutes, rm.min_timeout_min))
+    max_gpus = rm.max_nodes * rm.gpus_per_node
+    gpus = 1
+    while gpus < max_gpus and hours / gpus > rm.target_hours:
+        gpus *= 2
+    gpus = min(gpus, max_gpus)
+    nodes = math.ceil(gpus / rm.gpus_per_node)
+    per_node = min(gpus, rm.gpus_per_node)
+    minutes = hours / (nodes * per_node) * 60 * rm.safety + rm.overhead_min
+    return ResourceClass(nodes, per_node, rm.cpus_per_gpu * per_node, _pow2_minutes(minutes, rm.min_timeout_min))

@@ -1,0 +1,152 @@
+"""What each run of a sweep is, from its run directory and its recorded job ids.
+
+States: done / diverged (result.json), queued / running (a recorded job SLURM or this machine still
+has), preempted (its job ended without a result but can resume: SLURM preempted, timed out or
+cancelled it, or the local process died), failed (its job ended with an error), pending (never
+submitted). The files (`runs/<run_id>/launch.json`, `submissions.jsonl`) are written by
+launch/executors.py; this module only reads them and asks SLURM (`sacct`, `squeue`) in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
+SLURM_ACTIVE = {
+    "PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
+    "CONFIGURING": "queued", "RESIZING": "queued", "SUSPENDED": "queued", "STOPPED": "queued",
+    "RUNNING": "running", "COMPLETING": "running", "SIGNALING": "running", "STAGE_OUT": "running",
+}
+SLURM_RESUMABLE = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    state: str
+    attempts: int
+    job_id: str | None
+    detail: str = ""  # loss for finished runs, the scheduler state or error otherwise
+    log: Path | None = None  # the last attempt's log (stderr) for failures
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    rec = read_json(run_dir / "launch.json")
+    return list(rec.get("attempts", [])) if rec else []
+
+
+# ---- the scheduler's view ----------------------------------------------------------------------
+def _expand_array_ids(job_id: str) -> list[str]:
+    """'12_[1-3,7%2]' → ['12_1', '12_2', '12_3', '12_7']; plain ids unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    out: list[str] = []
+    for part in m.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
+    """Job id → SLURM state for the given ids, from sacct then squeue (squeue wins: it is live)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    arrays = sorted({i.split("_")[0] for i in ids})
+    states: dict[str, str] = {}
+    out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)])
+    for line in out.splitlines():
+        jid, _, state = line.partition("|")
+        for one in _expand_array_ids(jid.strip()):
+            states[one] = state.split()[0] if state.strip() else "UNKNOWN"
+    out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)])
+    for line in out.splitlines():
+        jid, _, state = line.partition("|")
+        states[jid.strip()] = state.strip()
+    return states
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- one run -----------------------------------------------------------------------------------
+def run_state(run_dir: Path, slurm: dict[str, str]) -> RunStatus:
+    rid = run_dir.name
+    result = read_json(run_dir / "result.json")
+    tries = attempts(run_dir)
+    last = tries[-1] if tries else {}
+    job = last.get("job_id")
+    if result is not None:
+        state = "diverged" if result.get("status") == "diverged" else "done"
+        return RunStatus(rid, state, len(tries), job, f"loss={result.get('smooth_loss')}")
+    if not tries:
+        return RunStatus(rid, "pending", 0, None)
+    log = Path(last["stderr"]) if last.get("stderr") else None
+    if last.get("executor") == "slurm":
+        s = slurm.get(str(job), "UNKNOWN")
+        if s in SLURM_ACTIVE:
+            return RunStatus(rid, SLURM_ACTIVE[s], len(tries), job, s)
+        state = "preempted" if s in SLURM_RESUMABLE else "failed"
+        return RunStatus(rid, state, len(tries), job, s, log)
+    ended = last.get("state")
+    if ended is None:  # local/debug attempt with no recorded end: alive or killed
+        alive = _pid_alive(last.get("pid"))
+        return RunStatus(rid, "running" if alive else "preempted", len(tries), job, "", log)
+    return RunStatus(rid, "failed" if ended == "failed" else "preempted", len(tries), job,
+                     last.get("error", ""), log)
+
+
+def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
+    """States of the given runs; one sacct + one squeue call for the whole sweep."""
+    dirs = [sweep_dir / "runs" / r for r in run_ids]
+    jobs = [a["job_id"] for d in dirs for a in attempts(d)[-1:] if a.get("executor") == "slurm"]
+    slurm = slurm_states(jobs)
+    return [run_state(d, slurm) for d in dirs]
+
+
+def counts(statuses: Iterable[RunStatus]) -> dict[str, int]:
+    c = Counter(s.state for s in statuses)
+    return {state: c.get(state, 0) for state in STATES}
+
+
+def log_tail(path: Path | None, lines: int = 15) -> str:
+    """The end of a failed job's log (stderr, then stdout beside it)."""
+    if path is None:
+        return ""
+    chunks = []
+    for p in (path, path.with_suffix(".out")):
+        if p.exists():
+            text = p.read_text(errors="replace").rstrip().splitlines()
+            chunks.append("\n".join(text[-lines:]))
+    return "\n".join(c for c in chunks if c)

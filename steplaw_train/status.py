@@ -1,0 +1,62 @@
+"""`python -m steplaw_train.status SWEEP_DIR [--json]`: what each run of a sweep is.
+
+The table lists counts per state and, for failed runs, the tail of their job log. `--json` prints
+one object: the count per state (done, failed, diverged, preempted, queued, running, pending) and
+`submitted_last`, the number of runs the last sweep invocation submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from launch import status as st
+
+
+def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
+    manifest = st.read_json(sweep_dir / "manifest.json")
+    if manifest is None:
+        raise SystemExit(f"error: {sweep_dir} has no manifest.json (not a sweep directory)")
+    statuses = st.sweep_states(sweep_dir, manifest["run_ids"])
+    out: dict[str, Any] = st.counts(statuses)
+    out["total"] = len(statuses)
+    out["submitted_last"] = _submitted_last(sweep_dir)
+    return out, statuses
+
+
+def _submitted_last(sweep_dir: Path) -> int:
+    path = sweep_dir / "submissions.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return int(json.loads(lines[-1])["submitted"]) if lines else 0
+
+
+def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int = 10) -> str:
+    lines = ["  ".join(f"{k}={v}" for k, v in counts.items())]
+    for s in statuses:
+        if s.state in ("failed", "preempted", "running", "queued"):
+            lines.append(f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}")
+        if s.state == "failed":
+            tail = st.log_tail(s.log, tail_lines)
+            lines += [f"    | {t}" for t in tail.splitlines()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m steplaw_train.status", description=__doc__)
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object of counts per state")
+    p.add_argument("--tail", type=int, default=10, help="log lines shown per failed run")
+    args = p.parse_args(argv)
+    counts, statuses = summary(args.sweep_dir.resolve())
+    if args.json:
+        json.dump(counts, sys.stdout)
+        print()
+    else:
+        print(render(counts, statuses, args.tail))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Acceptance on a real single-node SLURM (.ci/slurm-up.sh): arrays, requeue resume, idempotence,
+failures and retry, one wandb run per run_id. CPU demo shapes with a few thousand tokens per run.
+
+Skipped only when no cluster answers and STEPLAW_REQUIRE_SLURM is unset; with it set (CI), a
+missing cluster fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from launch.status import sweep_states
+from steplaw_train import status as status_cli
+from steplaw_train.config import config_dir
+from steplaw_train.sweep import sweep
+
+pytestmark = pytest.mark.slurm
+GRID6 = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.003,0.004],batch_size:[2,4]}]"
+LONG = "grid.blocks=[{model:[demo_dense_small],tokens:[49152],lr:[0.003],batch_size:[4]}]"
+
+
+def _cluster_up() -> bool:
+    try:
+        return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0 \
+            and subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        msg = "no SLURM cluster reachable (start one with sudo .ci/slurm-up.sh)"
+        if os.environ.get("STEPLAW_REQUIRE_SLURM"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Shared tmp dirs; the environment submitit's jobs inherit (sbatch exports it)."""
+    root = tmp_path_factory.mktemp("slurm")
+    saved = dict(os.environ)
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(root / "wandb"), OMP_NUM_THREADS="1",
+                      WANDB_CACHE_DIR=str(root / "wandb"), WANDB_CONFIG_DIR=str(root / "wandb"))
+    yield root
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("sweep", overrides=[
+            "+grid=tiny", GRID6, "launcher=slurm", f"sweep_dir={sweep_dir}",
+            f"options.data_root={data_root}", "++launcher.signal_delay_s=30", *overrides])
+
+
+def wait_finished(sweep_dir: Path, run_ids, timeout_s: float = 240) -> dict[str, str]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        states = {s.run_id: s.state for s in sweep_states(sweep_dir, run_ids)}
+        if not {"queued", "running", "pending"} & set(states.values()):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"runs not finished after {timeout_s}s: {states}")
+
+
+def wandb_ids(run_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+@pytest.fixture(scope="module")
+def array_sweep(env):
+    sw = env / "sw6"
+    res = sweep(cfg_for(sw, env / "data"))
+    assert len(res.submitted) == 6 and res.batch_calls == 1
+    states = wait_finished(sw, res.submitted)
+    return sw, res, states
+
+
+def test_grid_goes_out_as_one_array_and_completes(array_sweep):
+    sw, res, states = array_sweep
+    assert len({j.split("_")[0] for j in res.job_ids}) == 1  # one sbatch: one array
+    assert set(states.values()) == {"done"}
+    for rid in res.submitted:
+        result = json.loads((sw / "runs" / rid / "result.json").read_text())
+        assert result["status"] == "done" and result["run_id"] == rid
+        assert wandb_ids(sw / "runs" / rid) == {rid}
+    out = subprocess.run(["python", "-m", "steplaw_train.status", str(sw), "--json"],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    counts = json.loads(out)
+    assert counts["done"] == 6 and counts["submitted_last"] == 6 and counts["failed"] == 0
+
+
+def test_rerun_submits_nothing_then_only_the_missing_run(array_sweep, env):
+    sw, res, _ = array_sweep
+    assert sweep(cfg_for(sw, env / "data")).submitted == ()
+    assert status_cli.summary(sw)[0]["submitted_last"] == 0
+    victim = res.submitted[2]
+    (sw / "runs" / victim / "result.json").unlink()
+    again = sweep(cfg_for(sw, env / "data"))
+    assert again.submitted == (victim,) and again.batch_calls == 1
+    assert wait_finished(sw, [victim])[victim] == "done"
+
+
+def test_requeued_run_resumes_bitwise(env):
+    """`scontrol requeue` restarts the job from scratch; the run resumes from its checkpoint and
+    ends with the same losses as an uninterrupted run; wandb still has one run for its id."""
+    sw = env / "swlong"
+    res = sweep(cfg_for(sw, env / "data", LONG, "options.checkpoint_interval=8"))
+    (rid,), (job,) = res.submitted, res.job_ids
+    run_dir = sw / "runs" / rid
+    deadline = time.time() + 180
+    while not any((run_dir / "checkpoints").glob("*/complete")) if (run_dir / "checkpoints").exists() \
+            else True:
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.5)
+    assert not (run_dir / "result.json").exists(), "run finished before it could be requeued"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    ref = sweep(cfg_for(env / "swref", env / "data", LONG, "launcher=debug"))  # uninterrupted
+    assert wait_finished(sw, [rid])[rid] == "done"
+    info = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+                          capture_output=True, text=True).stdout
+    assert "REQUEUED" in info or "PREEMPTED" in info, info
+    ours = json.loads((run_dir / "result.json").read_text())
+    theirs = json.loads((env / "swref" / "runs" / rid / "result.json").read_text())
+    assert ours["final_loss"] == theirs["final_loss"] and ours["smooth_loss"] == theirs["smooth_loss"]
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_losses = [json.loads(x)["loss"] for x in
+                  (env / "swref" / "runs" / rid / "metrics.jsonl").read_text().splitlines()]
+    assert losses == ref_losses and ref.submitted == (rid,)
+    assert wandb_ids(run_dir) == {rid}
+
+
+def test_failed_run_shows_log_tail_and_is_retried_alone(array_sweep, env, capsys):
+    sw, res, _ = array_sweep
+    bad_root = env / "not_a_dir"
+    bad_root.write_text("a file where the data root should be: fails after validation")
+    extra = GRID6.replace("0.002,0.003,0.004", "0.002,0.003,0.004,0.005")
+    failing = sweep(cfg_for(sw, bad_root, extra, "max_retries=0"))
+    assert len(failing.submitted) == 2  # lr 0.005 x bs {2, 4}: the new runs only
+    states = wait_finished(sw, failing.submitted)
+    assert set(states.values()) == {"failed"}
+    status_cli.main([str(sw)])
+    out = capsys.readouterr().out
+    assert "failed=2" in out and "    | " in out  # with the tail of the job log
+    assert sweep(cfg_for(sw, env / "data", extra, "max_retries=0")).submitted == ()
+    retry = sweep(cfg_for(sw, env / "data", extra, "retry_failed=true"))
+    assert sorted(retry.submitted) == sorted(failing.submitted)
+    assert set(wait_finished(sw, retry.submitted).values()) == {"done"}
+    assert status_cli.summary(sw)[0]["done"] == 8

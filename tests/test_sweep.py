@@ -1,0 +1,100 @@
+"""The sweep command on the local and debug launchers, with real (tiny) training runs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from launch.status import sweep_states
+from steplaw_train import status as status_cli
+from steplaw_train.config import config_dir
+from steplaw_train.spec import SpecError
+from steplaw_train.sweep import sweep
+
+# Two tiny runs of a few seconds each (the `tiny` grid restricted further).
+BLOCK = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.004],batch_size:[4]}]"
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def cfg_for(sweep_dir, data_root, *overrides):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("sweep", overrides=["+grid=tiny", BLOCK, f"sweep_dir={sweep_dir}",
+                                           f"options.data_root={data_root}", *overrides])
+
+
+def counts(sweep_dir):
+    return status_cli.summary(sweep_dir)[0]
+
+
+def test_dry_run_submits_nothing_and_writes_nothing(tmp_path, data_root, capsys):
+    cfg = cfg_for(tmp_path / "sw", data_root, "dry_run=true", "launcher=local")
+    buf = io.StringIO()
+    res = sweep(cfg, out=buf)
+    assert res.submitted == () and not (tmp_path / "sw").exists()
+    table = buf.getvalue()
+    assert "demo_dense_small" in table and "2 runs in 1 cells; 2 to submit via local" in table
+
+
+def test_local_sweep_is_idempotent(tmp_path, data_root, capsys):
+    sw = tmp_path / "sw"
+    res = sweep(cfg_for(sw, data_root, "launcher=local"))
+    assert len(res.submitted) == 2 and res.failed == ()
+    for rid in res.submitted:
+        result = json.loads((sw / "runs" / rid / "result.json").read_text())
+        assert result["status"] == "done" and result["run_id"] == rid
+    c = counts(sw)
+    assert (c["done"], c["pending"], c["submitted_last"]) == (2, 0, 2)
+    assert (sw / "config.yaml").exists()
+    assert json.loads((sw / "manifest.json").read_text())["run_ids"] == list(res.submitted)
+
+    again = sweep(cfg_for(sw, data_root, "launcher=local"))
+    assert again.submitted == () and counts(sw)["submitted_last"] == 0
+
+    (sw / "runs" / res.submitted[0] / "result.json").unlink()
+    third = sweep(cfg_for(sw, data_root, "launcher=local"))
+    assert third.submitted == (res.submitted[0],)
+    assert counts(sw)["done"] == 2
+
+
+def test_debug_failure_is_recorded_and_retried_alone(tmp_path, data_root, capsys):
+    """A run that fails after validation (its data root is a file) shows as failed with its log
+    tail; only it goes out again with retry_failed=true. No pdb under the debug launcher."""
+    sw = tmp_path / "sw"
+    first = sweep(cfg_for(sw, data_root, "launcher=debug", "grid.blocks.0.lr=[0.002]"))
+    assert len(first.submitted) == 1 and first.failed == ()
+    bad_root = tmp_path / "not_a_dir"
+    bad_root.write_text("injected failure")
+    second = sweep(cfg_for(sw, bad_root, "launcher=debug", "max_retries=0"))
+    assert len(second.submitted) == 1 and second.failed == second.submitted
+    failed_id = second.submitted[0]
+    states = {s.run_id: s for s in sweep_states(sw, [first.submitted[0], failed_id])}
+    assert states[failed_id].state == "failed" and states[first.submitted[0]].state == "done"
+    status_cli.main([str(sw)])
+    out = capsys.readouterr().out
+    assert "failed=1" in out and failed_id in out and "    | " in out  # the log tail
+
+    assert sweep(cfg_for(sw, data_root, "launcher=debug", "max_retries=0")).submitted == ()
+    retry = sweep(cfg_for(sw, data_root, "launcher=debug", "retry_failed=true"))
+    assert retry.submitted == (failed_id,) and retry.failed == ()
+    assert counts(sw)["done"] == 2
+
+
+def test_bad_launcher_is_named_before_any_work(tmp_path, data_root):
+    with pytest.raises(SpecError, match="launcher.name.*allowed.*local"):
+        sweep(cfg_for(tmp_path / "sw", data_root, "launcher.name=kubernetes"))
+    assert not (tmp_path / "sw").exists()
