@@ -155,7 +155,7 @@ def summary(a: Analysis) -> dict:
     )
     return {
         "source": a.source,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings": {
             "threshold": a.settings.threshold,
             "n_boot": a.settings.n_boot,

@@ -134,6 +134,9 @@ class SearchConfig:
     outlier_scale: float = 0.2  # noise added per unit of ln-loss above the best run
     law_scatter: float = 0.15  # intrinsic scatter (ln units) of cell optima around the law
     neighbour_cost: float = 0.1  # cells whose run cost ≤ this × mean also run the best's neighbours
+    plateau: float = 3e-4  # relative loss difference below which two points are equally good
+    confirm_prob: float = 0.2  # run a neighbour of the best if P(beats it by > plateau) exceeds this
+    confirm_widen: float = 2.0  # law-optimum sd multiplier for that check (prior may be off)
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -147,6 +150,9 @@ class SearchConfig:
             "outlier_scale": self.outlier_scale >= 0,
             "law_scatter": self.law_scatter > 0,
             "neighbour_cost": self.neighbour_cost >= 0,
+            "plateau": self.plateau >= 0,
+            "confirm_prob": 0 < self.confirm_prob <= 1,
+            "confirm_widen": self.confirm_widen >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -292,6 +298,22 @@ def axis_neighbours(z: np.ndarray, i: int, tol: float = 1e-6) -> list[int]:
                 cand = line[side]
                 out.append(int(cand[np.argmin(np.abs(z[cand, axis] - z[i, axis]))]))
     return out
+
+
+def grid_neighbours(z: np.ndarray, i: int, tol: float = 1e-6) -> list[int]:
+    """Grid points at most one grid value away from point i along lr and along bs (not i).
+
+    Rank-based, so it works on the released grids, which are not full rectangles: the lr and bs
+    values of the cell are sorted, and a neighbour differs by at most one rank on each axis.
+    """
+    ranks = []
+    for axis in (0, 1):
+        vals = np.unique(np.round(z[:, axis] / tol) * tol)
+        ranks.append(np.searchsorted(vals, np.round(z[:, axis] / tol) * tol))
+    r = np.column_stack(ranks)
+    near = np.all(np.abs(r - r[i]) <= 1, axis=1)
+    near[i] = False
+    return [int(k) for k in np.flatnonzero(near)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,10 +565,48 @@ class SearchState:
             room,
             self.config.outlier_scale,
         )
-        if not picks and usable.any() and self._checks_neighbours(cell):
+        if not picks and usable.any():
             best = int(np.nanargmin(np.where(usable, y, np.nan)))
-            picks = [i for i in axis_neighbours(z, best) if not ran[i]][:room]
+            if self._checks_neighbours(cell):
+                picks = [i for i in axis_neighbours(z, best) if not ran[i]][:room]
+            if not picks and self.config.confirm_prob < 1:
+                picks = self._confirmations(prior, z, y, usable, ran, best)[:room]
         return picks
+
+    def _confirmations(
+        self,
+        prior: Prior,
+        z: np.ndarray,
+        y: np.ndarray,
+        usable: np.ndarray,
+        ran: np.ndarray,
+        best: int,
+    ) -> list[int]:
+        """Unrun grid neighbours of the best run that may still beat it by more than the plateau.
+
+        The EI rule trusts the fitted bowl; with few runs that bowl is mostly prior (the law's
+        optimum, the pooled curvature), and when the prior is off by a grid step the search stops
+        beside the optimum. So the bowl is refitted with the law's optimum sd widened
+        `confirm_widen`× and the curvature's sd doubled, and each unrun neighbour (one grid step
+        in lr, bs or both) whose posterior probability of being lower than the best point by more
+        than `plateau` (relative loss) exceeds `confirm_prob` is run, most probable first.
+        """
+        cfg = self.config
+        wide = replace(
+            prior,
+            m_sd=tuple(cfg.confirm_widen * s for s in prior.m_sd),  # type: ignore[arg-type]
+            h_sd=tuple(2.0 * s for s in prior.h_sd),  # type: ignore[arg-type]
+        )
+        post = fit(wide, z[usable], y[usable], cfg.outlier_scale)
+        cand = [i for i in grid_neighbours(z, best) if not ran[i]]
+        if not cand:
+            return []
+        f = _features(z[cand] - post.origin) - _features(z[[best]] - post.origin)
+        mean = f @ post.mean
+        sd = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", f, post.cov, f), 1e-30))
+        p = norm.cdf((-math.log1p(cfg.plateau) - mean) / sd)
+        order = np.argsort(-p, kind="stable")
+        return [cand[k] for k in order if p[k] > cfg.confirm_prob]
 
     def with_results(self, results: Mapping[Proposal, float]) -> SearchState:
         """A new state with these losses recorded; finishes cells whose stopping rule now holds."""

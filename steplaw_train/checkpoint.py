@@ -1,0 +1,165 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist format).
+
+A checkpoint is `<run_dir>/checkpoints/step_<NNNNNNNN>/` holding the model, the (distributed)
+optimizer, the LR scheduler, the step, the consumed samples, the divergence guard's state and the
+RNG states. It counts only once its `complete` marker exists: the marker is written last (after
+every rank finished saving), so a run killed mid-save never loads a half-written checkpoint.
+The distributed optimizer is saved with `fully_reshardable` sharding (the default type fails to
+save on megatron-core 0.16.1), which also lets a run resume on a different number of GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "complete"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """The loop's own state (everything besides model/optimizer/scheduler)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    best_loss: float = float("inf")
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return ckpt_root(run_dir) / f"step_{step:08d}"
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints, ascending."""
+    root = ckpt_root(run_dir)
+    if not root.exists():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / COMPLETE).exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step(run_dir: Path) -> int | None:
+    steps = complete_steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer dummy Adam state before loading into it.
+
+    Without Apex/TE (the CPU path), megatron's DistributedOptimizer.state_dict() asserts that
+    the inner torch optimizer has a `step`, which a never-stepped optimizer lacks; megatron's own
+    dummy-state initialiser fills it, and the load then overwrites every value in place.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
+    if is_loading:
+        _ensure_optimizer_state(optimizer)
+    model_sd = model.module.sharded_state_dict()
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_SHARDING)
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
+    """Save, then mark complete, then prune older checkpoints (rank 0 does the file work)."""
+    from megatron.core import dist_checkpointing
+
+    path = step_dir(run_dir, state.step)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        if path.exists():
+            shutil.rmtree(path)  # an incomplete leftover of an earlier attempt
+        path.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = _sharded_state(model, optimizer, is_loading=False)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "best_loss": state.best_loss,
+    }
+    sd["rng"] = _rng_state()
+    dist_checkpointing.save(sd, str(path), content_metadata=_SHARDING)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        marker = path / COMPLETE
+        with open(marker, "w") as f:
+            f.write(f"{state.step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for old in complete_steps(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
+    return path
+
+
+def load(run_dir: Path, step: int, model, optimizer, scheduler) -> TrainState:
+    """Restore everything saved by `save` into the live objects; return the loop state."""
+    from megatron.core import dist_checkpointing
+
+    path = step_dir(run_dir, step)
+    sd = _sharded_state(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(sd, str(path))
+    model.module.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng"])
+    ts = loaded["train_state"]
+    return TrainState(
+        step=int(ts["step"]),
+        consumed_samples=int(ts["consumed_samples"]),
+        best_loss=float(ts["best_loss"]),
+    )
+
+
+def remove_incomplete(run_dir: Path) -> None:
+    """Delete checkpoint dirs without a marker (left by a kill during save)."""
+    root = ckpt_root(run_dir)
+    if not root.exists():
+        return
+    for p in root.iterdir():
+        if _STEP_DIR.match(p.name) and not (p / COMPLETE).exists():
+            shutil.rmtree(p, ignore_errors=True)

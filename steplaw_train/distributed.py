@@ -1,0 +1,95 @@
+"""Process group and model-parallel state for one run.
+
+CPU: a gloo group of size 1 (megatron-core needs an initialised process group even for one
+process), rendezvous through env:// on a free local port. GPU: NCCL, with rank/world size taken
+from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)
+so that the same code runs data-parallel across the GPUs and nodes a SLURM job is given.
+Only data parallelism is used: Step Law models (<= 1B) fit on one GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if os.environ.get(n):
+            return int(os.environ[n])
+    return default
+
+
+def init(use_cuda: bool) -> World:
+    """Initialise torch.distributed and megatron's parallel state (TP = PP = 1)."""
+    from megatron.core import parallel_state
+
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if not use_cuda:
+        rank, world, local = 0, 1, 0  # CPU runs are single-process by design
+    if not dist.is_initialized():
+        if world == 1:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    return World(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def set_seed(seed: int, use_cuda: bool) -> None:
+    """Seed every generator; megatron's CUDA RNG tracker only exists on GPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if use_cuda:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down so that a second run in the same process (tests) starts clean."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

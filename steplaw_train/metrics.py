@@ -1,0 +1,135 @@
+"""Where a run's numbers go: metrics.jsonl (the contract) and wandb (the user's dashboard).
+
+Rank and logger are decided once at construction: rank 0 gets a real `Logger`, every other rank a
+`NullLogger`, so the training loop logs unconditionally. wandb is imported lazily (~0.4 s) and
+runs offline unless the user configures otherwise; its run id is the run_id with
+`resume="allow"`, so a requeued job continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """tmp + fsync + rename: a reader sees the old file or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines past `last_step` (a resumed run re-logs them), atomically."""
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class NullLogger:
+    """Non-zero ranks: accepts everything, writes nothing."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, result: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Logger(NullLogger):
+    """Appends one JSON line per logged step (flushed: a kill loses at most the line in flight)
+    and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, wandb_run: Any | None):
+        # held open for the whole run (one append per logged step); closed by close()
+        self._file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._wandb = wandb_run
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            finite = {
+                k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
+            }
+            self._wandb.log(finite, step=record["step"])
+
+    def summary(self, result: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            for k in ("status", "final_loss", "smooth_loss", "steps", "tokens", "wall_time_s"):
+                v = result.get(k)
+                if v is not None and (not isinstance(v, float) or math.isfinite(v)):
+                    self._wandb.summary[k] = v
+
+    def close(self) -> None:
+        """Idempotent: the signal path closes before re-raising, the loop's finally again."""
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def start_wandb(
+    run_id: str, run_dir: Path, config: dict, project: str, group: str | None, mode: str | None
+):
+    """One wandb run per run_id, across restarts (id=run_id, resume='allow')."""
+    import wandb
+
+    return wandb.init(
+        id=run_id,
+        resume="allow",
+        project=project,
+        group=group,
+        name=run_id,
+        config=config,
+        dir=str(run_dir),
+        mode=mode or os.environ.get("WANDB_MODE") or "offline",
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+def build_logger(
+    is_main: bool,
+    run_dir: Path,
+    run_id: str,
+    config: dict,
+    project: str,
+    group: str | None,
+    mode: str | None,
+) -> NullLogger:
+    """Rank 0 logs; wandb failing to start costs the dashboard, never the run (metrics.jsonl
+    is the record every later stage reads)."""
+    if not is_main:
+        return NullLogger()
+    if (mode or os.environ.get("WANDB_MODE")) == "disabled":
+        return Logger(run_dir, None)
+    try:
+        wandb_run = start_wandb(run_id, run_dir, config, project, group, mode)
+    except Exception as e:  # wandb raises its own error types (service, network, id in use)
+        warnings.warn(f"wandb.init failed, logging to metrics.jsonl only: {e}", stacklevel=2)
+        wandb_run = None
+    return Logger(run_dir, wandb_run)

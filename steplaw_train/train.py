@@ -1,0 +1,519 @@
+"""One Step Law run, start to finish: `run(spec, run_dir, options) -> result dict`.
+
+The loop is megatron-core's own training path: GPTModel (model.py) wrapped in megatron DDP,
+`get_megatron_optimizer` (AdamW, distributed optimizer), `OptimizerParamScheduler` (schedule.py)
+and `get_forward_backward_func` with gradient accumulation over micro-batches. What this module
+adds is the run's life cycle:
+
+* validate everything before any work (SpecError names the field);
+* resume from the latest complete checkpoint whatever restarted the run (requeue, kill -9, a
+  rerun by hand), truncating metrics.jsonl to the checkpoint so the file equals an uninterrupted
+  run's — data order is a pure function of consumed samples, so the loss curve is bitwise equal;
+* checkpoint every `checkpoint_interval` steps and when SIGTERM/SIGUSR1/SIGUSR2 arrive (the
+  handler only sets a flag; the save happens at the next step boundary, then the signal is
+  re-raised with the previous handler restored, so submitit or the default action still apply);
+* the divergence guard: a non-finite loss, or after warmup a loss above `divergence_factor` x the
+  best loss so far, ends the run with status "diverged" and smooth_loss = inf;
+* result.json last, atomically; a finished run directory is returned unchanged, never rewritten.
+
+`main()` is the Hydra shell: `python -m steplaw_train.train model=demo_dense data=demo ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steplaw_train import checkpoint as ckpt
+from steplaw_train import metrics as mx
+from steplaw_train.options import PRECISIONS, RunOptions
+from steplaw_train.smoothing import smoothed_final_loss
+from steplaw_train.spec import RunSpec, SpecError, validate
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+
+
+# ---- plan: pure decisions taken before any work ----------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    data_parallel: int
+    micro_batch_size: int
+    num_microbatches: int
+    use_cuda: bool
+    bf16: bool
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """GPU only: without Apex/TE (the CPU path) megatron 0.16.1's distributed optimizer
+        cannot reload its own torch-Adam state (a per-parameter `step` it never saves)."""
+        return self.use_cuda
+
+
+def auto_micro_batch(per_rank: int, max_micro_batch: int) -> int:
+    """Largest divisor of the per-rank batch not above max_micro_batch."""
+    return max(d for d in range(1, min(per_rank, max(1, max_micro_batch)) + 1) if per_rank % d == 0)
+
+
+def world_size_from_env() -> int:
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel: int) -> Plan:
+    """Validate spec + options; choose micro-batching and precision. Raises SpecError."""
+    validate(spec, data_parallel=data_parallel, micro_batch_size=options.micro_batch_size)
+    bs = spec.train.batch_size
+    if bs % data_parallel:
+        raise SpecError(
+            "train.batch_size", f"{bs} is not a multiple of the data-parallel size {data_parallel}"
+        )
+    per_rank = bs // data_parallel
+    mbs = options.micro_batch_size or auto_micro_batch(per_rank, options.max_micro_batch)
+    if options.precision not in PRECISIONS:
+        raise SpecError(
+            "options.precision", f"must be one of {PRECISIONS}, got {options.precision!r}"
+        )
+    if options.precision == "bf16" and not use_cuda:
+        raise SpecError(
+            "options.precision", "bf16 needs a GPU (Transformer Engine); use fp32 or auto"
+        )
+    bf16 = options.precision == "bf16" or (options.precision == "auto" and use_cuda)
+    if options.checkpoint_interval < 1:
+        raise SpecError(
+            "options.checkpoint_interval", f"must be >= 1, got {options.checkpoint_interval}"
+        )
+    if not options.divergence_factor > 1:
+        raise SpecError(
+            "options.divergence_factor", f"must be > 1, got {options.divergence_factor}"
+        )
+    return Plan(data_parallel, mbs, per_rank // mbs, use_cuda, bf16)
+
+
+def check_data(spec: RunSpec, options: RunOptions) -> None:
+    """Missing dataset files are a SpecError on data.sources (data.py knows the layout)."""
+    from steplaw_train.data import check_data as check
+
+    check(spec.data, Path(options.data_root))
+
+
+# ---- the signal flag ---------------------------------------------------------------------------
+class SignalFlag:
+    """Records the first of SIGTERM/SIGUSR1/SIGUSR2; the loop checkpoints at the next boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for s in HANDLED_SIGNALS:
+            # ValueError off the main thread: there the launcher handles signals itself
+            with contextlib.suppress(ValueError):
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self) -> None:
+        for s, prev in self._previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def reraise(self) -> None:
+        """Hand the signal to whoever handled it before us (submitit requeue, or the default)."""
+        signum = self.signum
+        self.restore()
+        if signum is not None:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # a Python-level handler runs at the next bytecode; default kills us
+            raise SystemExit(128 + signum)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def build_dataset(spec: RunSpec, options: RunOptions):
+    from steplaw_train.data import build_train_dataset
+
+    return build_train_dataset(
+        spec.data,
+        seq_len=spec.train.seq_len,
+        num_samples=spec.iterations * spec.train.batch_size,
+        seed=spec.train.seed,
+        data_root=Path(options.data_root),
+    )
+
+
+def batch_iterator(dataset, start_sample: int, global_batch: int, rank: int, plan: Plan, device):
+    """Micro-batches in order; sample i of the run is always dataset[i] (resume = skip ahead).
+
+    Rank r takes a contiguous slice of each global batch; the slice is cut into micro-batches.
+    """
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    per_rank = plan.micro_batch_size * plan.num_microbatches
+    base = start_sample
+    while True:
+        first = base + rank * per_rank
+        for j in range(plan.num_microbatches):
+            lo = first + j * plan.micro_batch_size
+            items = [dataset[i] for i in range(lo, lo + plan.micro_batch_size)]
+            yield {
+                k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in keys
+            }
+        base += global_batch
+
+
+def forward_step(data_iterator, model):
+    """megatron's forward_step_func: returns the logits-loss and a loss function."""
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+
+    def loss_func(per_token):
+        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+        # clone: megatron divides the returned loss by num_microbatches in place
+        return loss, {"loss": loss.detach().clone()}
+
+    return out, loss_func
+
+
+# ---- building the megatron objects -------------------------------------------------------------
+def build_components(spec: RunSpec, plan: Plan):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from steplaw_train.model import build_model
+    from steplaw_train.schedule import build_scheduler
+
+    t = spec.train
+    gpt = build_model(spec.model, spec.data.vocab_size, t.seq_len, plan.bf16, plan.use_cuda)
+    config = gpt.config
+    if plan.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        gpt = Float16Module(config, gpt)  # casts inputs/outputs as megatron's bf16 training does
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=plan.distributed_optimizer,
+    )
+    model = DistributedDataParallel(config, ddp_cfg, gpt)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",  # megatron's "adam" is AdamW (decoupled weight decay)
+        lr=t.lr,
+        min_lr=spec.final_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=plan.bf16,
+        params_dtype=torch.bfloat16 if plan.bf16 else torch.float32,
+        use_distributed_optimizer=plan.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, [model])
+    scheduler = build_scheduler(
+        optimizer, t.lr, spec.warmup_steps, spec.iterations, spec.final_lr, t.weight_decay
+    )
+    return model, optimizer, scheduler
+
+
+def moe_aux_loss(spec: RunSpec, num_microbatches: int) -> float | None:
+    """Mean load-balancing loss per MoE layer and micro-batch (unscaled by its coefficient)."""
+    if spec.model.moe is None:
+        return None
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return None
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    n_moe = spec.model.layers - spec.model.moe.dense_layers
+    total = sum(float(v["values"].sum()) for v in tracker.values())
+    moe_utils.clear_aux_losses_tracker()
+    return total / (n_moe * num_microbatches)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def versions() -> dict[str, str]:
+    import megatron.core
+
+    import steplaw_train
+
+    v = {
+        "steplaw_train": steplaw_train.__version__,
+        "torch": torch.__version__,
+        "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+        "python": sys.version.split()[0],
+    }
+    try:
+        import transformer_engine
+
+        v["transformer_engine"] = transformer_engine.__version__
+    except Exception:
+        pass
+    return v
+
+
+def device_name(use_cuda: bool) -> str:
+    if use_cuda:
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def _finished(run_dir: Path) -> dict | None:
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -> dict:
+    """Train `spec` into `run_dir` (resuming if possible); return result.json's content."""
+    run_dir = Path(run_dir)
+    options = options or RunOptions()
+    done = _finished(run_dir)
+    if done is not None:
+        return done
+    use_cuda = torch.cuda.is_available()
+    plan = make_plan(spec, options, use_cuda, world_size_from_env())
+    check_data(spec, options)
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    if not use_cuda:
+        from steplaw_train import _cpu_compat
+
+        _cpu_compat.apply()
+    from steplaw_train import distributed
+
+    world = distributed.init(use_cuda)
+    flag = SignalFlag()
+    flag.install()
+    try:
+        return _run(spec, run_dir, options, plan, world, flag)
+    finally:
+        flag.restore()
+        distributed.shutdown()
+
+
+def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, flag) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from steplaw_train import distributed
+    from steplaw_train.model import count_parameters
+
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_incomplete(run_dir)
+    distributed.set_seed(spec.train.seed, plan.use_cuda)
+    model, optimizer, scheduler = build_components(spec, plan)
+    derived = {
+        **spec.derived(),
+        "parameters": count_parameters(model.module),
+        "micro_batch_size": plan.micro_batch_size,
+        "num_microbatches": plan.num_microbatches,
+        "data_parallel": plan.data_parallel,
+        "Na_over_N": spec.Na / spec.N,
+        "precision": "bf16" if plan.bf16 else "fp32",
+    }
+    if world.is_main:
+        mx.write_json_atomic(run_dir / "spec.json", {"spec": spec.to_dict(), "derived": derived})
+
+    state = ckpt.TrainState()
+    resume_step = ckpt.latest_step(run_dir)
+    if resume_step is not None:
+        state = ckpt.load(run_dir, resume_step, model, optimizer, scheduler)
+    if world.is_main:
+        mx.truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    dataset = build_dataset(spec, options)
+
+    logger = mx.build_logger(
+        world.is_main,
+        run_dir,
+        spec.run_id,
+        {"spec": spec.to_dict(), "derived": derived},
+        options.wandb_project,
+        options.wandb_group,
+        options.wandb_mode,
+    )
+    t = spec.train
+    total = spec.iterations
+    data_iter = batch_iterator(
+        dataset, state.consumed_samples, t.batch_size, world.rank, plan, world.device
+    )
+    fwd_bwd = get_forward_backward_func()
+    flops_peak = peak_flops(world.device)
+    status, reason, last_loss = "done", None, math.nan
+    start = time.perf_counter()
+    elapsed0 = _elapsed_from_metrics(run_dir, state.step)
+    t_log = time.perf_counter()
+    tokens_since_log = 0
+    try:
+        while state.step < total:
+            step = state.step + 1
+            model.train()
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            scheduler.step(increment=1)  # update `step` uses lr_at(step) (schedule.py)
+            reported = fwd_bwd(
+                forward_step_func=forward_step,
+                data_iterator=data_iter,
+                model=[model],
+                num_microbatches=plan.num_microbatches,
+                seq_length=t.seq_len,
+                micro_batch_size=plan.micro_batch_size,
+                forward_only=False,
+            )
+            _, grad_norm, _ = optimizer.step()
+            loss = _mean_loss(reported, world)
+            aux = moe_aux_loss(spec, plan.num_microbatches)
+            state.step = step
+            state.consumed_samples += t.batch_size
+            tokens_since_log += spec.tokens_per_step
+            last_loss = loss
+            diverged = _divergence(loss, state.best_loss, step, spec, options)
+            if math.isfinite(loss):
+                state.best_loss = min(state.best_loss, loss)
+            if step % t.log_interval == 0 or diverged or step == total:
+                now = time.perf_counter()
+                rec = {
+                    "step": step,
+                    "tokens": state.consumed_samples * t.seq_len,
+                    "loss": loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
+                    "elapsed_s": elapsed0 + now - start,
+                }
+                if flops_peak:
+                    rec["mfu"] = rec["tokens_per_s"] * spec.M / (world.world_size * flops_peak)
+                if aux is not None:
+                    rec["moe_aux_loss"] = aux
+                logger.log(rec)
+                t_log, tokens_since_log = now, 0
+            if diverged:
+                status, reason = "diverged", diverged
+                break
+            if step % options.checkpoint_interval == 0 or flag.signum is not None:
+                if step < total:
+                    ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
+                if flag.signum is not None:
+                    logger.close()
+                    flag.reraise()
+        result = _result(
+            spec,
+            run_dir,
+            plan,
+            state,
+            status,
+            reason,
+            last_loss,
+            elapsed0 + time.perf_counter() - start,
+        )
+        if world.is_main:
+            logger.summary(result)
+            mx.write_json_atomic(run_dir / "result.json", result)
+        return result
+    finally:
+        logger.close()
+
+
+def _elapsed_from_metrics(run_dir: Path, step: int) -> float:
+    """Wall time already spent before a resume (the last kept metrics line's elapsed_s)."""
+    rows = mx.read_metrics(run_dir / "metrics.jsonl")
+    return float(rows[-1]["elapsed_s"]) if step > 0 and rows else 0.0
+
+
+def _mean_loss(reported: list[dict], world) -> float:
+    vals = torch.stack([r["loss"].float() for r in reported]).mean()
+    if world.world_size > 1:
+        torch.distributed.all_reduce(vals, op=torch.distributed.ReduceOp.AVG)
+    return float(vals)
+
+
+def _divergence(
+    loss: float, best: float, step: int, spec: RunSpec, options: RunOptions
+) -> str | None:
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss} at step {step}"
+    if step > spec.warmup_steps and math.isfinite(best) and loss > options.divergence_factor * best:
+        return (
+            f"loss {loss:.4g} at step {step} exceeds divergence_factor "
+            f"{options.divergence_factor} x best loss {best:.4g}"
+        )
+    return None
+
+
+def _result(spec, run_dir, plan, state, status, reason, last_loss, wall) -> dict:
+    losses = [r["loss"] for r in mx.read_metrics(run_dir / "metrics.jsonl")]
+    result = {
+        "run_id": spec.run_id,
+        "status": status,
+        "final_loss": last_loss,
+        "smooth_loss": math.inf
+        if status == "diverged"
+        else smoothed_final_loss(losses, spec.train.log_interval),
+        "steps": state.step,
+        "planned_steps": spec.iterations,
+        "tokens": state.consumed_samples * spec.train.seq_len,
+        "wall_time_s": wall,
+        "versions": versions(),
+        "device": device_name(plan.use_cuda),
+        "precision": "bf16" if plan.bf16 else "fp32",
+    }
+    if reason is not None:
+        result["reason"] = reason
+    return result
+
+
+# ---- Hydra shell -------------------------------------------------------------------------------
+def run_from_cfg(cfg) -> dict:
+    """Composed config -> run(); `run_dir: null` means runs/<run_id>."""
+    from steplaw_train.config import options_from_cfg, spec_from_cfg
+
+    spec = spec_from_cfg(cfg)
+    options = options_from_cfg(cfg.get("options"))
+    run_dir = Path(cfg.get("run_dir") or Path("runs") / spec.run_id)
+    return run(spec, run_dir, options)
+
+
+def main() -> None:
+    import hydra
+
+    from steplaw_train.config import config_dir
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base=None)
+    def _main(cfg) -> None:
+        try:
+            result = run_from_cfg(cfg)
+        except SpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(json.dumps(result, indent=2))
+
+    _main()
+
+
+__all__ = ["Plan", "auto_micro_batch", "make_plan", "run", "main"]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The newcomer path's files agree with each other: pyproject extras, Dockerfile, Makefile, CI."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_dockerfile_installs_an_extra_that_exists_and_brings_transformer_engine():
+    docker = (ROOT / "Dockerfile").read_text()
+    extras = set(re.findall(r'\.\[([a-z,]+)\]', docker))
+    assert extras, "Dockerfile must install the project with an extra, e.g. .[gpu]"
+    declared = _pyproject()["project"]["optional-dependencies"]
+    for group in extras:
+        for name in group.split(","):
+            assert name in declared, f"Dockerfile installs extra {name!r}, pyproject lacks it"
+    gpu = " ".join(declared["gpu"]).lower()
+    assert "transformer-engine" in gpu or "transformer_engine" in gpu
+    assert "FROM nvcr.io/nvidia/pytorch" in docker
+
+
+def test_cpu_dependencies_never_pull_transformer_engine_or_an_unbounded_torch():
+    deps = _pyproject()["project"]["dependencies"]
+    assert not any("transformer" in d.lower() for d in deps)
+    torch = [d for d in deps if re.match(r"torch\b", d)]
+    assert torch and "<" in torch[0], "an unbounded torch requirement pulls GBs of CUDA wheels"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in ci and "make test" in readme
+    assert "make demo" in readme
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test:", makefile, re.M) and re.search(r"^demo:", makefile, re.M)
+
+
+def test_console_scripts_point_at_importable_modules():
+    scripts = _pyproject()["project"]["scripts"]
+    for target in scripts.values():
+        module = target.split(":")[0]
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists() or (
+            ROOT / module.replace(".", "/") / "__init__.py"
+        ).exists(), target

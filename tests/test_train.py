@@ -1,0 +1,194 @@
+"""The training run end to end on CPU: megatron-core model/optimizer/schedule, resume, guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from steplaw_train import checkpoint as ckpt
+from steplaw_train.metrics import read_metrics
+from steplaw_train.train import run
+from tests.conftest import tiny_options, tiny_spec
+
+REPO = Path(__file__).resolve().parents[1]
+RESUME_SPEC = {"tokens": 4 * 32 * 150}  # 150 steps: long enough to be killed mid-run
+RESULT_KEYS = {
+    "run_id",
+    "status",
+    "final_loss",
+    "smooth_loss",
+    "steps",
+    "planned_steps",
+    "tokens",
+    "wall_time_s",
+    "versions",
+    "device",
+    "precision",
+}
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root) -> Path:
+    """An uninterrupted run of RESUME_SPEC (the baseline for the resume tests)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run(tiny_spec(**RESUME_SPEC), run_dir, tiny_options(data_root, checkpoint_interval=20))
+    return run_dir
+
+
+def _child(run_dir: Path, data_root: Path) -> subprocess.Popen:
+    code = (
+        "from tests.conftest import tiny_spec, tiny_options\n"
+        "from steplaw_train.train import run\n"
+        f"run(tiny_spec(tokens={RESUME_SPEC['tokens']}), {str(run_dir)!r}, "
+        f"tiny_options({str(data_root)!r}, checkpoint_interval=20))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WANDB_SERVICE", None)  # a job of its own, not a client of this process's wandb
+    return subprocess.Popen(
+        [sys.executable, "-W", "ignore", "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early: {proc.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < end, "timed out waiting for the child run"
+        time.sleep(0.01)
+
+
+def test_run_dir_contract(reference: Path):
+    result = json.loads((reference / "result.json").read_text())
+    assert set(result) >= RESULT_KEYS and result["status"] == "done"
+    assert result["steps"] == result["planned_steps"] == 150
+    assert result["tokens"] == 150 * 4 * 32
+    rows = read_metrics(reference / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 151))
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(
+        rows[0]
+    )
+    assert rows[-1]["lr"] == 1e-5  # fixed final LR, exactly
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # it learns: ~5.8 (uniform over bytes) -> lower
+    assert result["final_loss"] == rows[-1]["loss"]
+    assert math.isfinite(result["smooth_loss"])
+    spec = json.loads((reference / "spec.json").read_text())
+    assert spec["derived"]["run_id"] == result["run_id"] == tiny_spec(**RESUME_SPEC).run_id
+    assert ckpt.latest_step(reference) == 140
+
+
+@pytest.mark.timeout(180)
+def test_kill9_then_rerun_is_bitwise_identical(tmp_path: Path, data_root, reference: Path):
+    run_dir = tmp_path / "run"
+    proc = _child(run_dir, data_root)
+    _wait_for(lambda: ckpt.latest_step(run_dir) is not None, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "result.json").exists(), "the child finished before it was killed"
+    killed_at = ckpt.latest_step(run_dir)
+    assert killed_at is not None and killed_at < 150
+    result = run(tiny_spec(**RESUME_SPEC), run_dir, tiny_options(data_root, checkpoint_interval=20))
+    assert _losses(run_dir) == _losses(reference)  # bitwise: float equality of every step
+    ref = json.loads((reference / "result.json").read_text())
+    assert result["final_loss"] == ref["final_loss"] and result["smooth_loss"] == ref["smooth_loss"]
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_checkpoints_then_resumes(tmp_path: Path, data_root, reference: Path):
+    run_dir = tmp_path / "run"
+    proc = _child(run_dir, data_root)
+    _wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # re-raised after saving
+    step = ckpt.latest_step(run_dir)
+    assert step is not None and step % 20 != 0, "no checkpoint at the signal's step boundary"
+    assert not (run_dir / "result.json").exists()
+    run(tiny_spec(**RESUME_SPEC), run_dir, tiny_options(data_root, checkpoint_interval=20))
+    assert _losses(run_dir) == _losses(reference)
+
+
+def test_finished_run_is_returned_unchanged(reference: Path, data_root):
+    before = (reference / "result.json").read_bytes()
+    mtime = (reference / "result.json").stat().st_mtime_ns
+    result = run(tiny_spec(**RESUME_SPEC), reference, tiny_options(data_root))
+    assert result == json.loads(before)
+    assert (reference / "result.json").read_bytes() == before
+    assert (reference / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_absurd_lr_is_labelled_diverged(tmp_path: Path, data_root):
+    result = run(tiny_spec(lr=50.0), tmp_path / "run", tiny_options(data_root))
+    assert result["status"] == "diverged"
+    assert result["smooth_loss"] == math.inf and result["steps"] < result["planned_steps"]
+    assert "loss" in result["reason"]
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert on_disk["smooth_loss"] == math.inf and on_disk["status"] == "diverged"
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, data_root):
+    """4 micro-batches of 1 vs 1 micro-batch of 4: same losses and grad norms (fp32 tolerance)."""
+    spec = tiny_spec(tokens=4 * 32 * 6)
+    a = tmp_path / "k4m1"
+    b = tmp_path / "k1m4"
+    run(spec, a, tiny_options(data_root, micro_batch_size=1))
+    run(spec, b, tiny_options(data_root, micro_batch_size=4))
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert json.loads((a / "spec.json").read_text())["derived"]["num_microbatches"] == 4
+    assert json.loads((b / "spec.json").read_text())["derived"]["num_microbatches"] == 1
+    for x, y in zip(ra, rb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_moe_run_logs_aux_loss_and_records_activated_fraction(tmp_path: Path, data_root):
+    spec = tiny_spec(moe=True, tokens=4 * 32 * 8)
+    result = run(spec, tmp_path / "run", tiny_options(data_root))
+    assert result["status"] == "done"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["moe_aux_loss"] > 0 and math.isfinite(r["moe_aux_loss"]) for r in rows)
+    derived = json.loads((tmp_path / "run" / "spec.json").read_text())["derived"]
+    assert derived["Na"] < derived["N"]
+    assert derived["Na_over_N"] == pytest.approx(spec.Na / spec.N)
+    assert derived["parameters"]["matrices"] == spec.N
+
+
+def test_moe_routes_every_token_to_exactly_topk_experts():
+    from steplaw_train import _cpu_compat, distributed
+    from steplaw_train.model import build_model
+
+    spec = tiny_spec(moe=True)
+    _cpu_compat.apply()
+    distributed.init(use_cuda=False)
+    try:
+        torch.manual_seed(0)
+        gpt = build_model(spec.model, 320, 32, bf16=False, use_cuda=False)
+        routers = [m for n, m in gpt.named_modules() if n.endswith("mlp.router")]
+        assert len(routers) == spec.model.layers - spec.model.moe.dense_layers
+        seen = []
+        routers[0].register_forward_hook(lambda mod, inp, out: seen.append(out))
+        tokens = torch.randint(0, 320, (3, 32))
+        gpt(tokens, torch.arange(32).expand(3, 32), None)
+    finally:
+        distributed.shutdown()
+    probs, routing_map = seen[0]
+    assert routing_map.shape == (3 * 32, spec.model.moe.num_experts)
+    assert (routing_map.sum(dim=-1) == spec.model.moe.topk).all()
+    assert ((probs != 0) == routing_map).all()
