@@ -69,7 +69,7 @@ def test_log_range_and_rounding():
 def test_window_is_centred_on_step_law():
     cfg = sweep_cfg("+grid=moe")
     specs = expand_from_cfg(cfg)
-    cell = [s for s in specs if g.cell_key(s) == ("moe_e8_k1", "demo", 2_000_000_000)]
+    cell = [s for s in specs if g.cell_key(s) == ("moe_e8_k1", "paper", 2_000_000_000)]
     lrs = sorted({s.train.lr for s in cell})
     assert len(lrs) == 7
     predicted = g.step_law(cell[0].Na, cell[0].D)[0]
