@@ -135,7 +135,7 @@ class SearchConfig:
     law_scatter: float = 0.15  # intrinsic scatter (ln units) of cell optima around the law
     neighbour_cost: float = 0.1  # cells whose run cost ≤ this × mean also run the best's neighbours
     plateau: float = 3e-4  # relative loss difference below which two points are equally good
-    confirm_prob: float = 0.2  # run a neighbour of the best if P(beats it by > plateau) exceeds this
+    confirm_prob: float = 0.3  # run a neighbour of the best if P(beats it by > plateau) > this
     confirm_widen: float = 2.0  # law-optimum sd multiplier for that check (prior may be off)
 
     def __post_init__(self) -> None:
@@ -589,7 +589,8 @@ class SearchState:
         beside the optimum. So the bowl is refitted with the law's optimum sd widened
         `confirm_widen`× and the curvature's sd doubled, and each unrun neighbour (one grid step
         in lr, bs or both) whose posterior probability of being lower than the best point by more
-        than `plateau` (relative loss) exceeds `confirm_prob` is run, most probable first.
+        than `plateau` (relative loss) exceeds `confirm_prob · (run cost / mean)**cost_power`
+        (capped at 0.5: cheap cells confirm more) is run, most probable first.
         """
         cfg = self.config
         wide = replace(
@@ -606,7 +607,11 @@ class SearchState:
         sd = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", f, post.cov, f), 1e-30))
         p = norm.cdf((-math.log1p(cfg.plateau) - mean) / sd)
         order = np.argsort(-p, kind="stable")
-        return [cand[k] for k in order if p[k] > cfg.confirm_prob]
+        mean_cost = float(np.mean([c.cost for c in self.cells]))
+        cell = self.current
+        ratio = (cell.cost / mean_cost) if cell is not None else 1.0
+        p_min = min(0.5, cfg.confirm_prob * ratio**cfg.cost_power)  # cheap cells confirm more
+        return [cand[k] for k in order if p[k] > p_min]
 
     def with_results(self, results: Mapping[Proposal, float]) -> SearchState:
         """A new state with these losses recorded; finishes cells whose stopping rule now holds."""

@@ -155,3 +155,55 @@ def test_missing_columns_fail_cleanly(tmp_path, capsys):
     bad.write_text("h,lr\n1,0.1\n")
     assert main(["--data", str(bad)]) == 2
     assert "missing required columns" in capsys.readouterr().err
+
+
+def _held_out_half(grids, seed: int):
+    """A random 8 or 9 of the cells, drawn the way benchmarks/bench_replay.py's held-out split is."""
+    rng = np.random.default_rng(seed)
+    k = len(grids) // 2 + int(rng.integers(0, 2))
+    keep = set(rng.choice(len(grids), size=k, replace=False).tolist())
+    return [g for i, g in enumerate(grids) if i in keep]
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "prior",
+    [
+        "steplaw",
+        pytest.param(
+            "none",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known miss: no-prior median mean gap on held-out halves is ~0.23‰ > 0.2‰ "
+                "(docs/search.md, 'What fails where')",
+            ),
+        ),
+    ],
+)
+def test_held_out_halves_of_the_cells_meet_targets_in_the_median(dense, prior):
+    """Settings were chosen on draws 0.. of the protocol; draws 1000.. were never used to tune.
+
+    Each draw searches only about half the cells, so the law and curvature are learned from
+    fewer cells than on the full table. The median over five held-out draws must meet the
+    issue's targets; single draws do not always (draw 1000 misses by one grid step in two
+    cells, see docs/search.md), which this test does not hide: it asserts that too.
+    """
+    from analysis.replay import replay_grids
+
+    grids = build_grid(dense)
+    tots = []
+    for seed in range(1000, 1005):
+        half = _held_out_half(grids, seed)
+        assert 8 <= len(half) <= 9
+        reports, tot, _ = replay_grids(half, SearchConfig(prior=prior))
+        assert {r.cell for r in reports} == {g.cell.key for g in half}
+        tots.append(tot)
+    med = {k: float(np.median([t[k] for t in tots])) for k in tots[0]}
+    if prior == "steplaw":
+        assert med["gpu_hours_fraction"] <= 0.05
+        assert med["mean_gap_permille"] <= 0.1
+        assert med["max_gap_permille"] <= 0.5
+        assert max(t["max_gap_permille"] for t in tots) > 0.5  # the known miss (documented)
+    else:
+        assert med["gpu_hours_fraction"] <= 0.10
+        assert med["mean_gap_permille"] <= 0.2
