@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_SWEEP ?= sweeps/demo
 DEMO_REPORT ?= reports/demo
+# local: blocks until the grid is done (the slurm launcher returns at once with job ids).
+DEMO_LAUNCHER ?= local
 
 .PHONY: install install-dev demo test test-fast lint clean-demo
 
@@ -27,7 +29,7 @@ install-dev: $(VENV)/.installed-dev
 
 ## CPU demo: corpus → demo grid (local executor) → analysis report with heatmaps and a fit.
 demo: install
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m steplaw_train.sweep +grid=demo sweep_dir=$(DEMO_SWEEP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m steplaw_train.sweep +grid=demo launcher=$(DEMO_LAUNCHER) sweep_dir=$(DEMO_SWEEP)
 	$(BIN)/python -m analysis report $(DEMO_SWEEP) --out $(DEMO_REPORT)
 	@echo "Demo report: $(DEMO_REPORT) (summary.json, heatmaps/*.png, runs.csv)"
 

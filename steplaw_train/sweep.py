@@ -140,6 +140,10 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
     launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided
+        from steplaw_train import guided
+
+        return guided.run(cfg, specs, sweep_dir, options, lc, launcher, rm, out)
     statuses = status.sweep_states(sweep_dir, [s.run_id for s in specs])
     todo_ids = select(statuses, bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1)))
     todo = [s for s in specs if s.run_id in set(todo_ids)]
