@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import atomic
 from analysis.cells import Cell
+from steplaw_train import atomic
 
 THRESHOLD = 0.0025
 N_BOOT = 1000

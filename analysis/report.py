@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import atomic, collect, compare, plots
 from analysis import cells as cells_mod
+from analysis import collect, compare, plots
 from analysis import laws as laws_mod
 from analysis.fit import N_BOOT, THRESHOLD, StepLawFit, fit_step_law, optimal_points
+from steplaw_train import atomic
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import atomic
+from steplaw_train import atomic
 from steplaw_train.spec import DataSpec, ModelSpec, RunSpec, TrainSpec
 
 DEMO_LRS = tuple(float(v) for v in 2.0 ** np.arange(-11, -4.5, 0.5))

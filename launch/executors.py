@@ -17,7 +17,6 @@ paths, end state) so that launch/status.py can tell queued, running, failed and 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -33,6 +32,7 @@ import submitit
 
 from launch.resources import ResourceClass, ResourceModel, resource_class
 from launch.status import attempts
+from steplaw_train.atomic import write_json as write_json_atomic
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError
 
@@ -54,14 +54,6 @@ class RunJob(submitit.helpers.Checkpointable):
 
 
 # ---- records -----------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def record_attempt(run_dir: Path, attempt: Mapping[str, Any], update_last: bool = False) -> None:

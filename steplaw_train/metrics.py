@@ -15,15 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from steplaw_train.atomic import write_json as write_json_atomic  # noqa: F401  (re-exported)
 
 
 def read_metrics(path: Path) -> list[dict]:
