@@ -1,0 +1,48 @@
+"""The sbatch script a dense_1b job array gets, pinned by a committed golden file.
+
+A change in resource planning, signal handling or submitit's rendering shows up here as a diff
+to review, not as a surprise on the cluster. Regenerate with STEPLAW_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import submitit
+
+from launch.executors import slurm_parameters
+from launch.resources import ResourceClass
+
+GOLDEN = Path(__file__).parent / "golden" / "dense_1b_array.sbatch"
+LAUNCHER = {
+    "partition": "gpu",
+    "account": "steplaw",
+    "qos": "normal",
+    "constraint": "h800",
+    "setup": ["module load cuda/12.4"],
+    "additional": {"exclusive": True},
+    "array_parallelism": 64,
+    "signal_delay_s": 120,
+}
+
+
+def render(tmp: Path) -> str:
+    rc = ResourceClass(nodes=2, gpus_per_node=8, cpus_per_task=64, timeout_min=2048)
+    ex = submitit.AutoExecutor(folder=tmp / "logs", cluster="slurm")
+    ex.update_parameters(name="steplaw_dense_1b", **slurm_parameters(rc, LAUNCHER))
+    ex._executor.parameters["map_count"] = 120  # what map_array sets for a 120-task array
+    text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit X", "UID")
+    return text.replace(str(tmp), "SWEEP_DIR")
+
+
+def test_sbatch_script_matches_golden(tmp_path):
+    text = render(tmp_path)
+    if os.environ.get("STEPLAW_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    # the properties the harness relies on, stated so a regenerated golden cannot drop them
+    for line in ("#SBATCH --signal=USR2@120", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --time=2048", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=steplaw", "module load cuda/12.4", "#SBATCH --array=0-119%64"):
+        assert line in text, line
