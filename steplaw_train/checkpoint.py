@@ -10,6 +10,7 @@ save on megatron-core 0.16.1), which also lets a run resume on a different numbe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -163,3 +164,19 @@ def remove_incomplete(run_dir: Path) -> None:
     for p in root.iterdir():
         if _STEP_DIR.match(p.name) and not (p / COMPLETE).exists():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def stop_writer_processes() -> None:
+    """Shut down the multiprocessing Manager megatron's torch_dist writer keeps for its results.
+
+    It is only stopped by an atexit hook, which a process dying of a re-raised SIGTERM never runs:
+    the Manager would be orphaned and live on. Call before handing a signal on.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        with contextlib.suppress(Exception):
+            manager.shutdown()
+    filesystem_async._results_queue = None

@@ -137,6 +137,7 @@ class SignalFlag:
         signum = self.signum
         self.restore()
         if signum is not None:
+            ckpt.stop_writer_processes()
             os.kill(os.getpid(), signum)
             time.sleep(5)  # a Python-level handler runs at the next bytecode; default kills us
             raise SystemExit(128 + signum)

@@ -64,7 +64,16 @@ def _child(run_dir: Path, data_root: Path) -> subprocess.Popen:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, like a SLURM job step
     )
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -100,7 +109,7 @@ def test_kill9_then_rerun_is_bitwise_identical(tmp_path: Path, data_root, refere
     run_dir = tmp_path / "run"
     proc = _child(run_dir, data_root)
     _wait_for(lambda: ckpt.latest_step(run_dir) is not None, proc)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its helpers, as SLURM kills a job
     proc.wait()
     assert not (run_dir / "result.json").exists(), "the child finished before it was killed"
     killed_at = ckpt.latest_step(run_dir)
@@ -118,6 +127,10 @@ def test_sigterm_checkpoints_then_resumes(tmp_path: Path, data_root, reference: 
     _wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM  # re-raised after saving
+    end = time.monotonic() + 10  # no orphan left behind (megatron's checkpoint-writer manager)
+    while _group_alive(proc.pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "the run left processes behind after SIGTERM"
     step = ckpt.latest_step(run_dir)
     assert step is not None and step % 20 != 0, "no checkpoint at the signal's step boundary"
     assert not (run_dir / "result.json").exists()
