@@ -8,6 +8,7 @@ composed config. Which runs go out:
   failed / preempted            while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
+With `search=guided` the grid's points go out a few at a time instead (steplaw_train/guided.py).
 """
 
 from __future__ import annotations
