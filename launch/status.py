@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ SLURM_ACTIVE = {
     "RUNNING": "running", "COMPLETING": "running", "SIGNALING": "running", "STAGE_OUT": "running",
 }
 SLURM_RESUMABLE = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE"}
+# A job SLURM does not (yet) report is "queued" this long after its submission, not "failed":
+# sacct lags sbatch, and calling it failed would resubmit a run that is already queued.
+UNKNOWN_GRACE_S = 600.0
+
+
+class SchedulerUnavailable(RuntimeError):
+    """sacct and squeue both failed: no run's state can be decided, so nothing is resubmitted."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +70,12 @@ def _expand_array_ids(job_id: str) -> list[str]:
     return out
 
 
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str]) -> str | None:
+    """stdout, or None when the command could not run or failed."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None
 
 
 def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
@@ -76,13 +85,18 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
         return {}
     arrays = sorted({i.split("_")[0] for i in ids})
     states: dict[str, str] = {}
-    out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)])
-    for line in out.splitlines():
+    acct = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)])
+    queue = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)])
+    if acct is None and queue is None:
+        raise SchedulerUnavailable(
+            "cannot query SLURM (sacct and squeue both failed); refusing to guess which runs "
+            "are queued, running or failed. Check the cluster and rerun."
+        )
+    for line in (acct or "").splitlines():
         jid, _, state = line.partition("|")
         for one in _expand_array_ids(jid.strip()):
             states[one] = state.split()[0] if state.strip() else "UNKNOWN"
-    out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)])
-    for line in out.splitlines():
+    for line in (queue or "").splitlines():
         jid, _, state = line.partition("|")
         states[jid.strip()] = state.strip()
     return states
@@ -101,7 +115,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 # ---- one run -----------------------------------------------------------------------------------
-def run_state(run_dir: Path, slurm: dict[str, str]) -> RunStatus:
+def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) -> RunStatus:
     rid = run_dir.name
     result = read_json(run_dir / "result.json")
     tries = attempts(run_dir)
@@ -115,6 +129,9 @@ def run_state(run_dir: Path, slurm: dict[str, str]) -> RunStatus:
     log = Path(last["stderr"]) if last.get("stderr") else None
     if last.get("executor") == "slurm":
         s = slurm.get(str(job), "UNKNOWN")
+        age = (time.time() if now is None else now) - float(last.get("time", 0.0))
+        if s == "UNKNOWN" and age < UNKNOWN_GRACE_S:
+            return RunStatus(rid, "queued", len(tries), job, "not yet visible to sacct/squeue")
         if s in SLURM_ACTIVE:
             return RunStatus(rid, SLURM_ACTIVE[s], len(tries), job, s)
         state = "preempted" if s in SLURM_RESUMABLE else "failed"

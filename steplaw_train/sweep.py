@@ -70,10 +70,8 @@ def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries
 
 def check_data(specs: Sequence[RunSpec], options: RunOptions) -> None:
     """Validate each recipe's dataset files before anything is submitted."""
-    try:
-        from steplaw_train.data import check_data as check
-    except ImportError:  # data module absent: the runs will report missing data themselves
-        return
+    from steplaw_train.data import check_data as check
+
     for data in {s.data for s in specs}:
         check(data, options.data_root)
 
@@ -174,7 +172,7 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             result = sweep(cfg)
-        except SpecError as e:
+        except (SpecError, status.SchedulerUnavailable) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         if result.failed:

@@ -98,3 +98,17 @@ def test_bad_launcher_is_named_before_any_work(tmp_path, data_root):
     with pytest.raises(SpecError, match="launcher.name.*allowed.*local"):
         sweep(cfg_for(tmp_path / "sw", data_root, "launcher.name=kubernetes"))
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_job_slurm_does_not_report_yet_is_queued_not_failed(tmp_path):
+    """sacct lags sbatch: right after submission a job is unknown; resubmitting it would be waste."""
+    from launch.executors import record_attempt
+    from launch.status import UNKNOWN_GRACE_S, run_state
+
+    run_dir = tmp_path / "runs" / "abc"
+    record_attempt(run_dir, {"executor": "slurm", "job_id": "77_3", "stderr": "x.err"})
+    submitted = json.loads((run_dir / "launch.json").read_text())["attempts"][0]["time"]
+    assert run_state(run_dir, {}, now=submitted + 5).state == "queued"
+    assert run_state(run_dir, {}, now=submitted + UNKNOWN_GRACE_S + 1).state == "failed"
+    assert run_state(run_dir, {"77_3": "RUNNING"}, now=submitted + 5).state == "running"
+    assert run_state(run_dir, {"77_3": "PREEMPTED"}, now=submitted + 5).state == "preempted"
