@@ -28,10 +28,14 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 ## CPU demo: corpus → demo grid (local executor) → analysis report with heatmaps and a fit.
+## A run that fails is listed in the report; rerunning `make demo` retries only what is missing.
 demo: install
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m steplaw_train.sweep +grid=demo launcher=$(DEMO_LAUNCHER) sweep_dir=$(DEMO_SWEEP)
-	$(BIN)/python -m analysis report $(DEMO_SWEEP) --out $(DEMO_REPORT)
-	@echo "Demo report: $(DEMO_REPORT) (summary.json, heatmaps/*.png, runs.csv)"
+	@rc=0; WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python -m steplaw_train.sweep +grid=demo \
+	    launcher=$(DEMO_LAUNCHER) sweep_dir=$(DEMO_SWEEP) || rc=$$?; \
+	$(BIN)/python -m analysis report $(DEMO_SWEEP) --out $(DEMO_REPORT) || exit $$?; \
+	echo "Demo report: $(DEMO_REPORT) (summary.json, heatmaps/, plots/, runs.csv)"; \
+	if [ $$rc -ne 0 ]; then echo "Some runs failed: $(BIN)/python -m steplaw_train.status $(DEMO_SWEEP)"; fi; \
+	exit $$rc
 
 ## Lint + the whole test suite (the SLURM tier runs when a cluster is up: see .ci/slurm-up.sh).
 test: install-dev lint

@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ class TrainState:
 
     step: int = 0
     consumed_samples: int = 0
-    best_loss: float = float("inf")
+    first_loss: float = float("nan")  # the untrained model's loss (~ln vocab): the guard's ceiling
+    loss_ema: float = float("nan")  # the divergence guard's running mean of the loss
+    best_ema: float = float("inf")
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -117,11 +119,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
         dist.barrier()
     sd = _sharded_state(model, optimizer, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
-    sd["train_state"] = {
-        "step": state.step,
-        "consumed_samples": state.consumed_samples,
-        "best_loss": state.best_loss,
-    }
+    sd["train_state"] = asdict(state)
     sd["rng"] = _rng_state()
     dist_checkpointing.save(sd, str(path), content_metadata=_SHARDING)
     if dist.is_initialized():
@@ -152,7 +150,9 @@ def load(run_dir: Path, step: int, model, optimizer, scheduler) -> TrainState:
     return TrainState(
         step=int(ts["step"]),
         consumed_samples=int(ts["consumed_samples"]),
-        best_loss=float(ts["best_loss"]),
+        first_loss=float(ts["first_loss"]),
+        loss_ema=float(ts["loss_ema"]),
+        best_ema=float(ts["best_ema"]),
     )
 
 

@@ -20,7 +20,8 @@ class RunOptions:
     precision: str = "auto"  # auto = bf16 on GPU (Transformer Engine spec), fp32 on CPU (local spec)
     checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
     keep_checkpoints: int = 1  # complete checkpoints kept on disk
-    divergence_factor: float = 3.0  # after warmup, stop when a loss exceeds factor * the best loss so far
+    divergence_factor: float = 2.0  # after warmup, stop when the loss EMA exceeds factor * its best
+    divergence_window: int = 50  # steps of that EMA: one hard batch (bs=1 at seq 128) is not divergence
     wandb_project: str = "steplaw"
     wandb_group: str | None = None  # the sweep name; None for a lone run
     wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else "offline"

@@ -12,8 +12,8 @@ adds is the run's life cycle:
 * checkpoint every `checkpoint_interval` steps and when SIGTERM/SIGUSR1/SIGUSR2 arrive (the
   handler only sets a flag; the save happens at the next step boundary, then the signal is
   re-raised with the previous handler restored, so submitit or the default action still apply);
-* the divergence guard: a non-finite loss, or after warmup a loss above `divergence_factor` x the
-  best loss so far, ends the run with status "diverged" and smooth_loss = inf;
+* the divergence guard: a non-finite loss, or after warmup a loss EMA above `divergence_factor` x
+  its best so far, ends the run with status "diverged" and smooth_loss = inf;
 * result.json last, atomically; a finished run directory is returned unchanged, never rewritten.
 
 `main()` is the Hydra shell: `python -m steplaw_train.train model=demo_dense data=demo ...`.
@@ -94,6 +94,10 @@ def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel:
     if options.checkpoint_interval < 1:
         raise SpecError(
             "options.checkpoint_interval", f"must be >= 1, got {options.checkpoint_interval}"
+        )
+    if options.divergence_window < 1:
+        raise SpecError(
+            "options.divergence_window", f"must be >= 1, got {options.divergence_window}"
         )
     if not options.divergence_factor > 1:
         raise SpecError(
@@ -391,9 +395,7 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
             state.consumed_samples += t.batch_size
             tokens_since_log += spec.tokens_per_step
             last_loss = loss
-            diverged = _divergence(loss, state.best_loss, step, spec, options)
-            if math.isfinite(loss):
-                state.best_loss = min(state.best_loss, loss)
+            diverged = update_divergence(state, loss, step, spec.warmup_steps, options)
             if step % t.log_interval == 0 or diverged or step == total:
                 now = time.perf_counter()
                 rec = {
@@ -451,15 +453,41 @@ def _mean_loss(reported: list[dict], world) -> float:
     return float(vals)
 
 
-def _divergence(
-    loss: float, best: float, step: int, spec: RunSpec, options: RunOptions
+def update_divergence(
+    state: ckpt.TrainState, loss: float, step: int, warmup: int, options: RunOptions
 ) -> str | None:
+    """The divergence guard; returns why the run diverged, or None.
+
+    Three rules, all relative to the run itself:
+    * a non-finite loss;
+    * a loss above `divergence_factor` x the first step's loss (an untrained model's, ~ln vocab):
+      no batch of a healthy run is that much worse than knowing nothing (catches blow-ups at
+      once, even in warmup);
+    * after warmup, an exponential moving average of the loss (window `divergence_window`
+      steps) above `divergence_factor` x the best that average has been (slow drifts upward).
+    Single losses are never compared with the best single loss: at one sequence per step a hard
+    file costs 3-4x the easiest batch, and such a rule once flagged every bs=1 run of the demo.
+    The guard's numbers live in TrainState, so a resumed run takes the same decisions.
+    """
     if not math.isfinite(loss):
         return f"non-finite loss {loss} at step {step}"
-    if step > spec.warmup_steps and math.isfinite(best) and loss > options.divergence_factor * best:
+    if math.isnan(state.first_loss):
+        state.first_loss = loss
+    if loss > options.divergence_factor * state.first_loss:
         return (
             f"loss {loss:.4g} at step {step} exceeds divergence_factor "
-            f"{options.divergence_factor} x best loss {best:.4g}"
+            f"{options.divergence_factor} x the first step's loss {state.first_loss:.4g}"
+        )
+    alpha = 2.0 / (options.divergence_window + 1)
+    ema = loss if math.isnan(state.loss_ema) else state.loss_ema + alpha * (loss - state.loss_ema)
+    state.loss_ema = ema
+    if step <= max(warmup, options.divergence_window):
+        return None
+    state.best_ema = min(state.best_ema, ema)
+    if ema > options.divergence_factor * state.best_ema:
+        return (
+            f"loss EMA {ema:.4g} at step {step} exceeds divergence_factor "
+            f"{options.divergence_factor} x its best {state.best_ema:.4g}"
         )
     return None
 
