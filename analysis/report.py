@@ -154,7 +154,7 @@ def summary(a: Analysis) -> dict:
         if not ct.empty
         else pd.DataFrame()
     )
-    return {
+    out = {
         "source": a.source,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings": {
@@ -190,6 +190,51 @@ def summary(a: Analysis) -> dict:
         "robustness": {axis: list(collect.AXES[axis]) for axis in a.robustness},
         "laws": laws_mod.as_records(a.laws),
     }
+    out["caveats"] = caveats(out, a.runs)
+    return out
+
+
+# The paper's dense study spans these; far below them, runs are step-limited and exponents local.
+PAPER_N = (6e7, 1.1e9)
+PAPER_D = (2e9, 1e11)
+UNDETERMINED_CI_WIDTH = 1.0  # an exponent whose 95% interval is wider than this is not measured
+
+
+def caveats(s: dict, runs: pd.DataFrame) -> list[str]:
+    """What the report cannot claim, in words: printed with the numbers, kept in summary.json."""
+    out: list[str] = []
+    used = runs[runs["excluded_reason"].isna()]
+    if not used.empty:
+        n_max, d_max = float(used["N"].max()), float(used["D"].max())
+        if n_max < PAPER_N[0] / 10 or d_max < PAPER_D[0] / 10:
+            out.append(
+                f"scale: N <= {n_max:.3g} and D <= {d_max:.3g} are far below the paper's "
+                f"N {PAPER_N[0]:.0e}-{PAPER_N[1]:.0e}, D {PAPER_D[0]:.0e}-{PAPER_D[1]:.0e}; runs "
+                "this small are step-limited, so fitted exponents describe this grid only and "
+                "neither confirm nor refute Step Law"
+            )
+        for col in ("N", "D"):
+            k = used[col].nunique()
+            if 1 < k < 3:
+                out.append(f"only {k} distinct {col}: a power law through {k} points cannot "
+                           "show whether the form is right")  # fmt: skip
+    edges = s["cells"]["edge_optima"]
+    if edges:
+        out.append(
+            f"{len(edges)} of {s['cells']['used']} cells have their best run on a grid edge: "
+            "the true optimum may lie outside the grid, so those optima (and fits through "
+            "them) are bounds, not estimates; widen the grid on that side"
+        )
+    fit = s.get("fit", {})
+    for name in ("lr", "bs", "bs_free"):
+        for var, (lo, hi) in (fit.get(name, {}).get("exponents_ci95") or {}).items():
+            if hi - lo > UNDETERMINED_CI_WIDTH:
+                out.append(f"{name} exponent of {var}: 95% interval [{lo:.2f}, {hi:.2f}] — "
+                           "not determined by these cells")  # fmt: skip
+    d = s["runs"]["diverged"]
+    if d:
+        out.append(f"{d} runs diverged; they count as +inf loss (worse than any finished run)")
+    return out
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -339,6 +384,8 @@ def print_summary(s: dict, out: Path | None = None) -> None:
     if "nearest" in s["loo"]:
         con.print(f"leave-one-cell-out gap (‰): nearest {_f(s['loo']['nearest']['mean'])}, "
                   f"surface {_f(s['loo']['surface']['mean'])}")  # fmt: skip
+    for c in s.get("caveats", []):
+        con.print(f"[yellow]caveat[/]: {c}")
     if out is not None:
         con.print(f"report written to {out}")
 

@@ -54,7 +54,11 @@ def test_edge_optimum_is_flagged(tmp_path, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert s["cells"]["edge_optima"][0]["bs_edge"] == "low"
     assert "fit" in s and "skipped" in s["fit"]  # one cell: the law cannot be fitted
-    assert "optimum on a grid edge" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "optimum on a grid edge" in printed
+    # tiny runs: the report says what it cannot claim, in the summary and on the terminal
+    assert any(c.startswith("scale:") for c in s["caveats"])
+    assert any("grid edge" in c for c in s["caveats"]) and "caveat" in printed
 
 
 def test_predict_published(capsys):
@@ -71,3 +75,12 @@ def test_predict_published(capsys):
 def test_bad_arguments_name_the_field(capsys):
     assert main(["predict", "--N", "-1", "--D", "1e9"]) == 2
     assert "N: must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not collect.released_dense_csv().is_file(), reason="../shared/steplaw absent")
+def test_released_data_is_not_told_it_is_tiny():
+    from analysis import report
+
+    s = report.summary(report.analyse(collect.released_dense_csv(), report.Settings(n_boot=50)))
+    assert not any(c.startswith("scale:") for c in s["caveats"])
+    assert not any("distinct" in c for c in s["caveats"])  # 5 N values, 10+ D values
