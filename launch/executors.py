@@ -50,7 +50,18 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self, spec: RunSpec, run_dir: str, options: RunOptions) -> dict:
         from steplaw_train import train
 
+        export_distributed_env()
         return train.run(spec, Path(run_dir), options)
+
+
+def export_distributed_env() -> None:
+    """In a multi-task SLURM job, point every task at the job's first node (MASTER_ADDR/PORT,
+    RANK, WORLD_SIZE, LOCAL_RANK) so torch.distributed's env:// works across nodes; the port is
+    derived from the job id, so jobs sharing a node do not collide. Each task keeps all the
+    node's GPUs visible and picks its own with LOCAL_RANK."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 # ---- records -----------------------------------------------------------------------------------
