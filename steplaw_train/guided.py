@@ -334,7 +334,7 @@ def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions
                            for p in props]
                 rounds += 1
                 save_state(sweep_dir, state, pending, rounds)
-                sw._record_sweep(sweep_dir, cfg, _proposed_specs(state, pending, by_key))
+                sw.record_sweep(sweep_dir, cfg, _proposed_specs(state, pending, by_key))
                 continue
             ids = [r for p in pending for r in p.run_ids]
             states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids)}
@@ -347,7 +347,7 @@ def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions
                 submitted += res.submit
                 job_ids += sub.job_ids
                 calls += sub.batch_calls
-                sw._append_submission(sweep_dir, {
+                sw.append_submission(sweep_dir, {
                     "time": time.time(), "launcher": launcher, "search": "guided", "round": rounds,
                     "submitted": len(todo), "run_ids": list(res.submit), "job_ids": list(sub.job_ids),
                     "batch_calls": sub.batch_calls})

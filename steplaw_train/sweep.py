@@ -113,7 +113,7 @@ def _options(cfg: Any, grid_name: str) -> RunOptions:
     return replace(options, wandb_group=options.wandb_group or grid_name)
 
 
-def _record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
+def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / ".config.yaml.tmp").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (sweep_dir / ".config.yaml.tmp").replace(sweep_dir / "config.yaml")
@@ -125,7 +125,7 @@ def _record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
             executors.write_json_atomic(path, {"spec": spec.to_dict(), "derived": spec.derived()})
 
 
-def _append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
+def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
     with open(sweep_dir / "submissions.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -154,9 +154,9 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     if cfg.get("dry_run", False):
         return SweepResult(sweep_dir, tuple(specs), before, (), (), 0, (), launcher, text)
     check_data(todo, options)
-    _record_sweep(sweep_dir, cfg, specs)
+    record_sweep(sweep_dir, cfg, specs)
     sub = executors.submit(launcher, todo, sweep_dir, options, lc, rm)
-    _append_submission(sweep_dir, {"time": time.time(), "launcher": launcher,
+    append_submission(sweep_dir, {"time": time.time(), "launcher": launcher,
                                    "submitted": len(todo), "run_ids": [s.run_id for s in todo],
                                    "job_ids": list(sub.job_ids), "batch_calls": sub.batch_calls})
     print(f"submitted {len(todo)} runs ({sub.batch_calls} job arrays) to {launcher}; "
