@@ -18,8 +18,8 @@ far; a batch > 1 is chosen greedily, each pick added as a pseudo-observation at 
 value ("kriging believer"). Stopping rule: a cell is done when no unrun point's EI exceeds
 `tau · (run cost / mean run cost of the sweep) ** cost_power` — cheap cells search longer and
 sharpen the law and the curvature used for expensive ones — or when it used `max_runs_frac` of its
-grid. The cheapest cells (run cost ≤ `neighbour_cost` × mean), searched while the law and the
-curvature are still unknown, must also have run the best point's axis neighbours: a bowl fitted
+grid. The first cell and the cheapest cells (run cost ≤ `neighbour_cost` × mean), searched while
+the law and the curvature are still unknown, must also have run the best point's axis neighbours: a bowl fitted
 to a few runs can be confidently wrong when its prior is. The chosen point is the best run the
 search actually ran. Measured results: docs/search.md.
 
@@ -137,6 +137,8 @@ class SearchConfig:
     plateau: float = 3e-4  # relative loss difference below which two points are equally good
     confirm_prob: float = 0.3  # run a neighbour of the best if P(beats it by > plateau) > this
     confirm_widen: float = 2.0  # law-optimum sd multiplier for that check (prior may be off)
+    budget: float = 0.0  # opt-in: GPU-hours target (fraction of the full grids) for 3×3 checks
+    reserve_runs: float = 4.0  # runs per later cell that budget keeps back while a cell confirms
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -153,6 +155,8 @@ class SearchConfig:
             "plateau": self.plateau >= 0,
             "confirm_prob": 0 < self.confirm_prob <= 1,
             "confirm_widen": self.confirm_widen >= 1,
+            "budget": 0 <= self.budget <= 1,
+            "reserve_runs": self.reserve_runs >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -520,8 +524,25 @@ class SearchState:
         return self.config.tau * (cell.cost / mean_cost) ** self.config.cost_power
 
     def _checks_neighbours(self, cell: Cell) -> bool:
+        """Cheap cells, and the first cell (nothing learned yet), run the best's axis neighbours."""
         mean_cost = float(np.mean([c.cost for c in self.cells]))
-        return cell.cost <= self.config.neighbour_cost * mean_cost
+        first = not self.outcomes or self.outcomes[0].cell == cell.key
+        return first or cell.cost <= self.config.neighbour_cost * mean_cost
+
+    def slack(self, cell: Cell) -> float:
+        """Budget the current cell may still spend on confirmation, in units of run cost.
+
+        The budget is `budget` × the cost of every cell's full grid, known up front. What the
+        cells before this one did not use, less `reserve_runs` runs for each later cell, is
+        this cell's to spend: cheap cells (searched first) can afford their whole neighbourhood,
+        expensive ones get what is left. Measured in the cost of one run of the current cell.
+        """
+        cfg = self.config
+        total = sum(len(c.points) * c.cost for c in self.cells)
+        spent = sum(self.runs(c.key) * c.cost for c in self.cells)
+        later = self.cells[self.cells.index(cell) + 1 :]
+        reserve = cfg.reserve_runs * sum(c.cost for c in later)
+        return (cfg.budget * total - spent - reserve) / cell.cost
 
     def observed(self, cell: Cell) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(coords, ln-loss with nan for unrun, ran mask) of a cell."""
@@ -569,6 +590,11 @@ class SearchState:
             best = int(np.nanargmin(np.where(usable, y, np.nan)))
             if self._checks_neighbours(cell):
                 picks = [i for i in axis_neighbours(z, best) if not ran[i]][:room]
+            if not picks:
+                # the whole 3×3 neighbourhood of the best, when the budget affords all of it
+                nb = [i for i in grid_neighbours(z, best) if not ran[i]]
+                if nb and self.config.budget > 0 and len(nb) <= self.slack(cell):
+                    picks = nb[:room]
             if not picks and self.config.confirm_prob < 1:
                 picks = self._confirmations(prior, z, y, usable, ran, best)[:room]
         return picks

@@ -178,3 +178,34 @@ def test_bad_results_rejected():
         state.with_results({Proposal("x", 10_000, 1.0, 1.0): 2.0})
     with pytest.raises(ValueError, match="points"):
         Cell("e", 1.0, 1.0, 1.0, 2048, ())
+
+
+@pytest.mark.parametrize("opt_i, opt_j", [(3, 2), (10, 6), (6, 4)])
+def test_single_cell_without_prior_reaches_the_optimum(opt_i, opt_j):
+    """A lone cell with prior "none" starts from the grid's middle with nothing learned: it must
+    still walk to the grid minimum of a smooth bowl (the real, noisy cells: test_replay)."""
+    cell = make_cell("solo", 3e8, 1e10)
+    opt = (LRS[opt_i] * 1.1, BSS[opt_j] * 1.2)
+    state = drive(
+        SearchState.create([cell], SearchConfig(prior="none")), lambda p: bowl(p.lr, p.bs, opt)
+    )
+    grid_min = min(bowl(lr, bs, opt) for lr, bs in cell.points)
+    assert state.best("solo")[1] <= grid_min * 1.001
+    assert state.runs("solo") <= 0.3 * len(cell.points)
+
+
+def test_budget_confirms_the_whole_neighbourhood_of_cheap_cells():
+    """With a GPU-hour budget to spare, the cheapest cell runs all 8 grid neighbours of its best."""
+    from steplaw_train.search import grid_neighbours
+
+    cells = [make_cell("cheap", 2e8, 4e9), make_cell("dear", 1e9, 5e10)]
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    state = drive(
+        SearchState.create(cells, SearchConfig(budget=0.2, reserve_runs=4)),
+        lambda p: bowl(p.lr, p.bs, opts[p.cell]),
+    )
+    cheap = state.cell("cheap")
+    best, _ = state.best("cheap")
+    assert set(grid_neighbours(cheap.coords(), best)) <= set(state.results["cheap"])
+    off = drive(SearchState.create(cells), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
+    assert state.runs("cheap") > off.runs("cheap")
