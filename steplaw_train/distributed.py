@@ -1,9 +1,11 @@
 """Process group and model-parallel state for one run.
 
-CPU: a gloo group of size 1 (megatron-core needs an initialised process group even for one
-process), rendezvous through env:// on a free local port. GPU: NCCL, with rank/world size taken
-from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)
-so that the same code runs data-parallel across the GPUs and nodes a SLURM job is given.
+Rank and world size come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID), so the same code runs data-parallel across the GPUs and nodes a SLURM
+job is given (NCCL) or across CPU processes (gloo: `torchrun --standalone --nproc_per_node 2 -m
+steplaw_train.train ...`, which is how the tests exercise megatron DDP's gradient all-reduce,
+per-rank batch slices and multi-rank checkpoints without a GPU). A lone process still needs a
+group (megatron-core asks for ranks): size 1, env:// on a free local port.
 Only data parallelism is used: Step Law models (<= 1B) fit on one GPU.
 """
 
@@ -51,8 +53,6 @@ def init(use_cuda: bool) -> World:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    if not use_cuda:
-        rank, world, local = 0, 1, 0  # CPU runs are single-process by design
     if not dist.is_initialized():
         if world == 1:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

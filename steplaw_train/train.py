@@ -131,6 +131,17 @@ class SignalFlag:
         if self.signum is None:
             self.signum = signum
 
+    def agree(self) -> None:
+        """Make every rank see a signal that reached any of them (SLURM and torchrun deliver it
+        to each process at slightly different steps; the checkpoint save is collective, so all
+        ranks must decide on the same step)."""
+        t = torch.tensor([self.signum or 0], dtype=torch.int64)
+        if torch.cuda.is_available():
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if int(t) and self.signum is None:
+            self.signum = int(t)
+
     def restore(self) -> None:
         for s, prev in self._previous.items():
             signal.signal(s, prev if prev is not None else signal.SIG_DFL)
@@ -416,6 +427,8 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
             if diverged:
                 status, reason = "diverged", diverged
                 break
+            if world.world_size > 1:
+                flag.agree()
             if step % options.checkpoint_interval == 0 or flag.signum is not None:
                 if step < total:
                     ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
@@ -435,6 +448,9 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
         if world.is_main:
             logger.summary(result)
             mx.write_json_atomic(run_dir / "result.json", result)
+        if world.world_size > 1:
+            torch.distributed.barrier()  # every rank returns the record rank 0 wrote
+            result = json.loads((run_dir / "result.json").read_text())
         return result
     finally:
         logger.close()
@@ -537,7 +553,8 @@ def main() -> None:
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(json.dumps(result, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result, indent=2))
 
     _main()
 

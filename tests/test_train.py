@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,49 @@ def _child(run_dir: Path, data_root: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, like a SLURM job step
     )
+
+
+def _dp_child(run_dir: Path, data_root: Path, ranks: int = 2) -> subprocess.Popen:
+    """A `ranks`-process data-parallel run of RESUME_SPEC (gloo), as torchrun starts it."""
+    cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={ranks}", "-m", "tests.dp_child"]
+    cmd += [str(run_dir), str(data_root), str(RESUME_SPEC["tokens"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WANDB_SERVICE", None)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def spawn():
+    """Start data-parallel children; whatever the test's outcome, none outlives it."""
+    procs: list[subprocess.Popen] = []
+
+    def start(run_dir: Path, data_root: Path) -> subprocess.Popen:
+        procs.append(_dp_child(run_dir, data_root))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def dp_reference(tmp_path_factory, data_root, reference: Path) -> Path:
+    """RESUME_SPEC trained by two data-parallel ranks, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("dp_reference") / "run"
+    proc = _dp_child(run_dir, data_root)
+    _, err = proc.communicate(timeout=170)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return run_dir
 
 
 def _group_alive(pgid: int) -> bool:
@@ -229,3 +273,75 @@ def test_divergence_guard_ignores_single_hard_batches_but_catches_a_blow_up():
     spike = _guard_series([5.8, 11625.5, 49776.1] + noisy)  # lr=50: blows up during warmup
     assert spike is not None and spike.startswith("2:") and "first step" in spike
     assert "non-finite" in _guard_series(noisy[:50] + [float("nan")])
+
+
+@pytest.mark.timeout(180)
+def test_two_data_parallel_ranks_train_like_one(dp_reference: Path, reference: Path):
+    """megatron DDP over gloo: each rank takes half of every global batch and the all-reduced
+    gradient is the mean, so the loss curve equals the one-process run's up to float order."""
+    spec = json.loads((dp_reference / "spec.json").read_text())["derived"]
+    assert spec["data_parallel"] == 2 and spec["micro_batch_size"] * 2 == 4
+    dp, one = _losses(dp_reference), _losses(reference)
+    assert len(dp) == len(one) == 150
+    assert dp != one  # really another execution (reduction order), not the same file
+    assert max(abs(a - b) / b for a, b in zip(dp, one, strict=True)) < 1e-4
+    result = json.loads((dp_reference / "result.json").read_text())
+    assert result["status"] == "done" and result["tokens"] == 150 * 4 * 32
+    assert ckpt.latest_step(dp_reference) == 140  # both ranks' shards of the collective save
+
+
+@pytest.mark.timeout(240)
+def test_two_rank_run_killed_then_resumed_is_bitwise_identical(
+    tmp_path: Path, data_root, dp_reference: Path, spawn
+):
+    run_dir = tmp_path / "run"
+    proc = spawn(run_dir, data_root)
+    _wait_for(lambda: ckpt.latest_step(run_dir) is not None, proc, timeout=120)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    killed_at = ckpt.latest_step(run_dir)
+    assert not (run_dir / "result.json").exists() and killed_at < 150
+    proc = spawn(run_dir, data_root)
+    _, err = proc.communicate(timeout=170)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert _losses(run_dir) == _losses(dp_reference)
+    ref = json.loads((dp_reference / "result.json").read_text())
+    got = json.loads((run_dir / "result.json").read_text())
+    assert got["smooth_loss"] == ref["smooth_loss"] and got["final_loss"] == ref["final_loss"]
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The worker process torchrun started for `rank` (read from /proc: Linux only)."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            env = (child / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child.name)
+    return None
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_to_one_rank_checkpoints_all_ranks_at_the_same_step(
+    tmp_path: Path, data_root, dp_reference: Path, spawn
+):
+    """SLURM and torchrun deliver signals to each rank at slightly different steps; the ranks
+    agree (all-reduce of the flag) so the collective checkpoint is taken once, at one step."""
+    run_dir = tmp_path / "run"
+    proc = spawn(run_dir, data_root)
+    _wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, proc, timeout=120)
+    rank1 = _rank_pid(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGTERM)  # rank 1 only; rank 0 learns of it through the agreement
+    proc.wait(timeout=90)
+    assert proc.returncode != 0  # torchrun reports its worker's signal exit
+    step = ckpt.latest_step(run_dir)
+    assert step is not None and step % 20 != 0, "no checkpoint at the signal's step boundary"
+    assert not (run_dir / "result.json").exists()
+    proc = spawn(run_dir, data_root)
+    _, err = proc.communicate(timeout=170)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert _losses(run_dir) == _losses(dp_reference)
