@@ -56,9 +56,11 @@ def replay_grids(
     """`replay` on grids already built (the benchmark perturbs grids, not CSV rows)."""
     executor = TableExecutor(grids)
     state = search.SearchState.create([g.cell for g in grids], config)
+    rounds = 0
     while not state.done:
         props = search.propose(state)
         state = state.with_results(executor.run(props))
+        rounds += 1
     reports = []
     for g in grids:
         best = state.best(g.cell.key)
@@ -77,7 +79,7 @@ def replay_grids(
             )
         )  # fmt: skip
     reports.sort(key=lambda r: (r.Na * r.D, r.cell))
-    return reports, totals(reports, grids, executor), state
+    return reports, {**totals(reports, grids, executor), "rounds": rounds}, state
 
 
 def totals(reports: Sequence[CellReport], grids, executor: TableExecutor) -> dict[str, float]:
@@ -107,6 +109,7 @@ def format_table(reports: Sequence[CellReport], tot: dict[str, float]) -> str:
         f"total: {tot['runs']}/{tot['grid_runs']} runs ({100 * tot['runs_fraction']:.1f}%), "
         f"GPU-hours {100 * tot['gpu_hours_fraction']:.2f}% of the full grid, "
         f"gap mean {tot['mean_gap_permille']:.3f}‰ max {tot['max_gap_permille']:.3f}‰"
+        + (f", {tot['rounds']} rounds" if "rounds" in tot else "")
     )
     return "\n".join(lines)
 
@@ -122,7 +125,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--prior", default="steplaw", choices=search.PRIORS)
     p.add_argument("--law-n", default="N", choices=("N", "Na"), help="which N the law sees (MoE)")
-    p.add_argument("--batch", type=int, default=1, help="runs proposed per round")
+    p.add_argument("--batch", type=int, default=1, help="runs proposed per round and cell")
+    p.add_argument(
+        "--parallel-cells", type=int, default=1, help="cells searched at once (fewer rounds)"
+    )
     p.add_argument("--tau", type=float, default=None, help="EI stopping threshold (relative loss)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -132,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         df = collect.read_released(args.data)
-        kw = {"prior": args.prior, "batch": args.batch}
+        kw = {"prior": args.prior, "batch": args.batch, "parallel_cells": args.parallel_cells}
         if args.tau is not None:
             kw["tau"] = args.tau
         config = search.SearchConfig(**kw)

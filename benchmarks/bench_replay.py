@@ -150,6 +150,7 @@ def summary(prior: str, tots: list[dict[str, float]]) -> dict[str, float]:
         "mean_med": float(np.median(mean)), "mean_max": float(mean.max()),
         "max_med": float(np.median(mx)), "max_max": float(mx.max()),
         "pass": float(ok.mean()),
+        "rounds": float(np.median([t["rounds"] for t in tots])),
     }  # fmt: skip
 
 
@@ -157,7 +158,7 @@ def fmt(name: str, prior: str, s: dict[str, float]) -> str:
     return (
         f"| {name} | {prior} | {s['draws']} | {100 * s['gh_med']:.2f}% / {100 * s['gh_max']:.2f}% "
         f"| {s['mean_med']:.3f} / {s['mean_max']:.3f} | {s['max_med']:.3f} / {s['max_max']:.3f} "
-        f"| {100 * s['pass']:.0f}% |"
+        f"| {100 * s['pass']:.0f}% | {s['rounds']:.0f} |"
     )
 
 
@@ -165,7 +166,7 @@ def parse_set(items: Sequence[str]) -> dict[str, object]:
     kw: dict[str, object] = {}
     for it in items:
         k, _, v = it.partition("=")
-        kw[k] = int(v) if k == "batch" else float(v)
+        kw[k] = int(v) if k in ("batch", "parallel_cells") else float(v)
     return kw
 
 
@@ -182,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = ("train", "heldout") if args.split == "both" else (args.split,)
     overrides = parse_set(args.set)
     print("| scenario | prior | draws | GPU-h median / worst | mean gap ‰ median / worst "
-          "| max gap ‰ median / worst | targets met |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| max gap ‰ median / worst | targets met | rounds median |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
     for split in splits:
         seeds = list(range(SEEDS[split], SEEDS[split] + args.draws))

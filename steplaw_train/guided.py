@@ -47,8 +47,10 @@ STATE_FILE = "search_state.json"
 LOCK_FILE = ".search.lock"
 STATE_VERSION = 1
 LAW_N = ("N", "Na")
-SECTION_KEYS = ("name", "prior", "batch", "law_n", "wait", "poll_s", "knobs")
-KNOBS = tuple(f.name for f in fields(SearchConfig) if f.name not in ("prior", "batch"))
+SECTION_KEYS = ("name", "prior", "batch", "parallel_cells", "law_n", "wait", "poll_s", "knobs")
+KNOBS = tuple(
+    f.name for f in fields(SearchConfig) if f.name not in ("prior", "batch", "parallel_cells")
+)
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,14 @@ def guided_config(section: Any) -> GuidedConfig:
     poll_s = float(d.get("poll_s", 60))
     if not poll_s > 0:
         raise SpecError("search.poll_s", f"{poll_s!r}; must be > 0 seconds")
-    batch = d.get("batch", 1)
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise SpecError("search.batch", f"{batch!r}; must be an integer >= 1")
+    ints = {}
+    for key in ("batch", "parallel_cells"):
+        v = d.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpecError(f"search.{key}", f"{v!r}; must be an integer >= 1")
+        ints[key] = v
     try:
-        scfg = SearchConfig(prior=str(d.get("prior", "steplaw")), batch=batch, **knobs)
+        scfg = SearchConfig(prior=str(d.get("prior", "steplaw")), **ints, **knobs)
     except (TypeError, ValueError) as e:
         field_name = str(e).split(":", 1)[0]
         where = "prior" if field_name == "prior" else f"knobs.{field_name}"

@@ -121,14 +121,17 @@ class SearchConfig:
 
     prior: "steplaw" (published constants, refined by finished cells) or "none" (law learned
     only from finished cells). tau: EI threshold (relative loss) for a cell of mean run cost.
-    cost_power: how strongly tau grows with a cell's run cost. batch: runs proposed per round.
-    max_runs_frac: hard cap on the fraction of a cell's grid one search may run.
+    cost_power: how strongly tau grows with a cell's run cost. batch: runs proposed per round
+    and cell. parallel_cells: how many cells (the cheapest unfinished ones) are searched at once;
+    1 lets every cell start from all cheaper ones, more cuts the rounds (wall-clock) a sweep
+    takes. max_runs_frac: hard cap on the fraction of a cell's grid one search may run.
     """
 
     prior: str = "steplaw"
     tau: float = 1.7e-4
     cost_power: float = 0.5
     batch: int = 1
+    parallel_cells: int = 1
     max_runs_frac: float = 0.5
     noise: float = 1e-3  # default relative noise of a run's loss before any cell has finished
     outlier_scale: float = 0.2  # noise added per unit of ln-loss above the best run
@@ -147,6 +150,7 @@ class SearchConfig:
             "tau": self.tau >= 0,
             "cost_power": self.cost_power >= 0,
             "batch": isinstance(self.batch, int) and self.batch >= 1,
+            "parallel_cells": isinstance(self.parallel_cells, int) and self.parallel_cells >= 1,
             "max_runs_frac": 0 < self.max_runs_frac <= 1,
             "noise": self.noise > 0,
             "outlier_scale": self.outlier_scale >= 0,
@@ -496,8 +500,17 @@ class SearchState:
         return len(self.outcomes) == len(self.cells)
 
     @property
+    def active(self) -> tuple[Cell, ...]:
+        """The cells being searched now: the `parallel_cells` cheapest unfinished ones."""
+        finished = {o.cell for o in self.outcomes}
+        todo = [c for c in self.cells if c.key not in finished]
+        return tuple(todo[: self.config.parallel_cells])
+
+    @property
     def current(self) -> Cell | None:
-        return None if self.done else self.cells[len(self.outcomes)]
+        """The cheapest cell being searched (the only one when parallel_cells = 1)."""
+        active = self.active
+        return active[0] if active else None
 
     def cell(self, key: str) -> Cell:
         for c in self.cells:
@@ -526,7 +539,7 @@ class SearchState:
     def _checks_neighbours(self, cell: Cell) -> bool:
         """Cheap cells, and the first cell (nothing learned yet), run the best's axis neighbours."""
         mean_cost = float(np.mean([c.cost for c in self.cells]))
-        first = not self.outcomes or self.outcomes[0].cell == cell.key
+        first = all(o.cell == cell.key for o in self.outcomes)  # nothing else finished yet
         return first or cell.cost <= self.config.neighbour_cost * mean_cost
 
     def slack(self, cell: Cell) -> float:
@@ -596,11 +609,12 @@ class SearchState:
                 if nb and self.config.budget > 0 and len(nb) <= self.slack(cell):
                     picks = nb[:room]
             if not picks and self.config.confirm_prob < 1:
-                picks = self._confirmations(prior, z, y, usable, ran, best)[:room]
+                picks = self._confirmations(cell, prior, z, y, usable, ran, best)[:room]
         return picks
 
     def _confirmations(
         self,
+        cell: Cell,
         prior: Prior,
         z: np.ndarray,
         y: np.ndarray,
@@ -634,8 +648,7 @@ class SearchState:
         p = norm.cdf((-math.log1p(cfg.plateau) - mean) / sd)
         order = np.argsort(-p, kind="stable")
         mean_cost = float(np.mean([c.cost for c in self.cells]))
-        cell = self.current
-        ratio = (cell.cost / mean_cost) if cell is not None else 1.0
+        ratio = cell.cost / mean_cost
         p_min = min(0.5, cfg.confirm_prob * ratio**cfg.cost_power)  # cheap cells confirm more
         return [cand[k] for k in order if p[k] > p_min]
 
@@ -656,13 +669,16 @@ class SearchState:
         return state._advance()
 
     def _advance(self) -> SearchState:
+        """Finish every active cell whose stopping rule holds, cheapest first, until none does
+        (a finished cell changes the priors, hence the decisions, of the cells after it)."""
         state = self
         while not state.done:
-            cell = state.current
-            assert cell is not None
-            if state.runs(cell.key) == 0 or state._next_indices(cell):
-                break
-            state = state._finish(cell)
+            for cell in state.active:
+                if state.runs(cell.key) and not state._next_indices(cell):
+                    state = state._finish(cell)
+                    break
+            else:
+                return state
         return state
 
     def _finish(self, cell: Cell) -> SearchState:
@@ -707,8 +723,9 @@ def _dec(v: float | str) -> float:
 
 
 def propose(state: SearchState) -> list[Proposal]:
-    """The next runs: grid points of the current cell (empty only when the search is done)."""
-    cell = state.current
-    if cell is None:
-        return []
-    return [Proposal(cell.key, i, *cell.points[i]) for i in state._next_indices(cell)]
+    """The next round of runs: grid points of the active cells (empty only when done)."""
+    return [
+        Proposal(cell.key, i, *cell.points[i])
+        for cell in state.active
+        for i in state._next_indices(cell)
+    ]

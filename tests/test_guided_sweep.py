@@ -80,6 +80,7 @@ def test_point_loss_and_run_loss():
 
 @pytest.mark.parametrize("override, field", [
     ("search.prior=law", "search.prior"), ("search.batch=0", "search.batch"),
+    ("search.parallel_cells=0", "search.parallel_cells"),
     ("search.law_n=M", "search.law_n"), ("+search.knobs.tua=1", "search.knobs.tua"),
     ("+search.knobs.tau=-1", "search.knobs.tau"), ("+search.colour=1", "search.colour"),
 ])
@@ -150,6 +151,19 @@ def test_guided_driver_runs_rounds_resumes_and_refuses_other_grids(tmp_path, dat
     other = GRID2x4.replace("0.004,0.008", "0.004,0.006")
     with pytest.raises(SpecError, match="different grid"):
         sweep(cfg_for(sw, data_root, other, "search=guided"), out=io.StringIO())
+
+
+def test_guided_driver_searches_cells_in_parallel(tmp_path, data_root):
+    sw = tmp_path / "sw"
+    res = sweep(cfg_for(sw, data_root, GRID2x4, "search=guided", "search.parallel_cells=2"),
+                out=io.StringIO())
+    assert res.done and res.failed == ()
+    rounds = [json.loads(x) for x in (sw / "submissions.jsonl").read_text().splitlines()]
+    cells = {r: gc.cell.key for gc in guided.build_cells(res.specs)
+             for i in range(len(gc.runs)) for r in gc.run_ids(i)}
+    assert {cells[r] for r in rounds[0]["run_ids"]} == set(cells.values())  # both cells at once
+    assert res.rounds == len(rounds) < len(res.submitted)
+    assert all(c["state"] == "done" and c["runs"] >= 1 for c in res.cells)
 
 
 # ---- acceptance: guided vs the full grid on the same real runs ---------------------------------

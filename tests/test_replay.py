@@ -61,6 +61,18 @@ def test_chosen_point_was_run_and_gap_is_measured(dense):
 
 
 @needs_data
+def test_parallel_cells_trade_gpu_hours_for_rounds(dense):
+    """Searching two cells at once halves the rounds (wall-clock) for a little more compute:
+    the second cell of a pair starts without what the first would have taught it."""
+    _, one, _ = replay(dense, SearchConfig())
+    _, two, _ = replay(dense, SearchConfig(parallel_cells=2, batch=2))
+    assert one["rounds"] == one["runs"]  # one run per round when sequential
+    assert two["rounds"] <= 0.5 * one["rounds"]
+    assert one["gpu_hours_fraction"] <= two["gpu_hours_fraction"] <= 0.06
+    assert two["max_gap_permille"] <= 0.5
+
+
+@needs_data
 def test_cli_json_is_deterministic(capsys):
     outs = []
     for _ in range(2):

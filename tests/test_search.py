@@ -209,3 +209,29 @@ def test_budget_confirms_the_whole_neighbourhood_of_cheap_cells():
     assert set(grid_neighbours(cheap.coords(), best)) <= set(state.results["cheap"])
     off = drive(SearchState.create(cells), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
     assert state.runs("cheap") > off.runs("cheap")
+
+
+def test_parallel_cells_search_the_cheapest_unfinished_cells_at_once():
+    cells = [make_cell(k, n, d) for k, n, d in (("a", 2e8, 4e9), ("b", 4e8, 1e10), ("c", 1e9, 5e10))]
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    seq = SearchState.create(cells)
+    par = SearchState.create(cells, SearchConfig(parallel_cells=2))
+    assert [p.cell for p in propose(seq)] == ["a"]
+    assert [p.cell for p in propose(par)] == ["a", "b"]  # "c" waits for a free slot
+    rounds = {"seq": 0, "par": 0}
+    for name, state in (("seq", seq), ("par", par)):
+        seen: dict[str, set[int]] = {c.key: set() for c in cells}
+        while not state.done:
+            props = propose(state)
+            assert len({p.cell for p in props}) <= (2 if name == "par" else 1)
+            for p in props:
+                assert p.index not in seen[p.cell]
+                seen[p.cell].add(p.index)
+            state = state.with_results({p: bowl(p.lr, p.bs, opts[p.cell]) for p in props})
+            rounds[name] += 1
+            # resumable mid-search whatever the parallelism
+            assert SearchState.from_json(state.to_json()).to_json() == state.to_json()
+        for c in cells:
+            grid = [bowl(lr, bs, opts[c.key]) for lr, bs in c.points]
+            assert (state.best(c.key)[1] / min(grid) - 1) < 2e-3
+    assert rounds["par"] < rounds["seq"]
