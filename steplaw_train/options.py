@@ -17,7 +17,10 @@ class RunOptions:
     data_root: Path = Path("data")  # tokenized datasets and the demo corpus cache
     micro_batch_size: int | None = None  # None: largest divisor of the per-rank batch <= max_micro_batch
     max_micro_batch: int = 8  # sequences per micro-batch when choosing automatically
-    precision: str = "auto"  # auto = bf16 on GPU (Transformer Engine spec), fp32 on CPU (local spec)
+    # auto = bf16 on GPU (Transformer Engine spec), fp32 on CPU (local spec); bf16 on CPU runs
+    # megatron's mixed precision (bf16 model, fp32 main params) with the local spec: slow, but it
+    # is how the tests check the GPU path's optimizer and checkpoints without a GPU
+    precision: str = "auto"
     checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
     keep_checkpoints: int = 1  # complete checkpoints kept on disk
     divergence_factor: float = 2.0  # after warmup, stop when the loss EMA exceeds factor * its best

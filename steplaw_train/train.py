@@ -86,10 +86,6 @@ def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel:
         raise SpecError(
             "options.precision", f"must be one of {PRECISIONS}, got {options.precision!r}"
         )
-    if options.precision == "bf16" and not use_cuda:
-        raise SpecError(
-            "options.precision", "bf16 needs a GPU (Transformer Engine); use fp32 or auto"
-        )
     bf16 = options.precision == "bf16" or (options.precision == "auto" and use_cuda)
     if options.checkpoint_interval < 1:
         raise SpecError(

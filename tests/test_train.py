@@ -50,12 +50,12 @@ def reference(tmp_path_factory, data_root) -> Path:
     return run_dir
 
 
-def _child(run_dir: Path, data_root: Path) -> subprocess.Popen:
+def _child(run_dir: Path, data_root: Path, precision: str = "auto") -> subprocess.Popen:
     code = (
         "from tests.conftest import tiny_spec, tiny_options\n"
         "from steplaw_train.train import run\n"
         f"run(tiny_spec(tokens={RESUME_SPEC['tokens']}), {str(run_dir)!r}, "
-        f"tiny_options({str(data_root)!r}, checkpoint_interval=20))\n"
+        f"tiny_options({str(data_root)!r}, checkpoint_interval=20, precision={precision!r}))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WANDB_SERVICE", None)  # a job of its own, not a client of this process's wandb
@@ -345,3 +345,24 @@ def test_sigterm_to_one_rank_checkpoints_all_ranks_at_the_same_step(
     _, err = proc.communicate(timeout=170)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert _losses(run_dir) == _losses(dp_reference)
+
+
+@pytest.mark.timeout(240)
+def test_bf16_mixed_precision_trains_and_resumes_bitwise(tmp_path: Path, data_root, reference):
+    """The GPU path's precision machinery on CPU: megatron's Float16Module (bf16 weights and
+    activations) and its mixed-precision optimizer (fp32 main params), checkpointed and resumed."""
+    opts = tiny_options(data_root, checkpoint_interval=20, precision="bf16")
+    whole = tmp_path / "whole"
+    result = run(tiny_spec(**RESUME_SPEC), whole, opts)
+    assert result["precision"] == "bf16" and result["status"] == "done"
+    bf, fp = _losses(whole), _losses(reference)
+    assert bf != fp  # really another precision
+    assert sum(abs(a - b) / b for a, b in zip(bf, fp, strict=True)) / len(fp) < 0.02
+    run_dir = tmp_path / "killed"
+    proc = _child(run_dir, data_root, precision="bf16")
+    _wait_for(lambda: ckpt.latest_step(run_dir) is not None, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "result.json").exists()
+    again = run(tiny_spec(**RESUME_SPEC), run_dir, opts)
+    assert _losses(run_dir) == bf and again["smooth_loss"] == result["smooth_loss"]
