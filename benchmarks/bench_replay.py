@@ -166,7 +166,7 @@ def parse_set(items: Sequence[str]) -> dict[str, object]:
     kw: dict[str, object] = {}
     for it in items:
         k, _, v = it.partition("=")
-        kw[k] = int(v) if k in ("batch", "parallel_cells") else float(v)
+        kw[k] = int(v) if k in ("batch", "parallel_cells", "min_runs") else float(v)
     return kw
 
 

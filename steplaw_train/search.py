@@ -142,6 +142,7 @@ class SearchConfig:
     confirm_widen: float = 2.0  # law-optimum sd multiplier for that check (prior may be off)
     budget: float = 0.0  # opt-in: GPU-hours target (fraction of the full grids) for 3×3 checks
     reserve_runs: float = 4.0  # runs per later cell that budget keeps back while a cell confirms
+    min_runs: int = 3  # every cell runs at least this many points (its best's likeliest neighbours)
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -161,6 +162,7 @@ class SearchConfig:
             "confirm_widen": self.confirm_widen >= 1,
             "budget": 0 <= self.budget <= 1,
             "reserve_runs": self.reserve_runs >= 0,
+            "min_runs": isinstance(self.min_runs, int) and self.min_runs >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -610,6 +612,9 @@ class SearchState:
                     picks = nb[:room]
             if not picks and self.config.confirm_prob < 1:
                 picks = self._confirmations(cell, prior, z, y, usable, ran, best)[:room]
+            if not picks and int(ran.sum()) < self.config.min_runs:
+                # a floor on the runs of every cell: the best's likeliest-better neighbours
+                picks = self._confirmations(cell, prior, z, y, usable, ran, best, 0.0)[:room]
         return picks
 
     def _confirmations(
@@ -621,6 +626,7 @@ class SearchState:
         usable: np.ndarray,
         ran: np.ndarray,
         best: int,
+        p_floor: float | None = None,
     ) -> list[int]:
         """Unrun grid neighbours of the best run that may still beat it by more than the plateau.
 
@@ -650,6 +656,8 @@ class SearchState:
         mean_cost = float(np.mean([c.cost for c in self.cells]))
         ratio = cell.cost / mean_cost
         p_min = min(0.5, cfg.confirm_prob * ratio**cfg.cost_power)  # cheap cells confirm more
+        if p_floor is not None:
+            p_min = p_floor
         return [cand[k] for k in order if p[k] > p_min]
 
     def with_results(self, results: Mapping[Proposal, float]) -> SearchState:

@@ -161,6 +161,8 @@ def test_non_rectangular_grid_and_neighbours():
         ({"batch": 0}, "batch"),
         ({"tau": -1}, "tau"),
         ({"max_runs_frac": 0}, "max_runs_frac"),
+        ({"min_runs": 0}, "min_runs"),
+        ({"parallel_cells": 0}, "parallel_cells"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
@@ -235,3 +237,19 @@ def test_parallel_cells_search_the_cheapest_unfinished_cells_at_once():
             grid = [bowl(lr, bs, opts[c.key]) for lr, bs in c.points]
             assert (state.best(c.key)[1] / min(grid) - 1) < 2e-3
     assert rounds["par"] < rounds["seq"]
+
+
+@pytest.mark.parametrize("floor", [1, 3, 5])
+def test_min_runs_floor_runs_the_best_points_neighbours(floor):
+    """With EI and confirmation switched off every cell but the first would stop after one run;
+    the floor makes each run `min_runs` points, all next to its best one."""
+    cells = [make_cell("a", 2e8, 4e9), make_cell("c", 1e9, 5e10)]
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    cfg = SearchConfig(tau=1.0, confirm_prob=1.0, neighbour_cost=0.0, min_runs=floor)
+    state = drive(SearchState.create(cells, cfg), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
+    assert state.runs("c") == floor
+    z = state.cell("c").coords()
+    step = np.array([math.log(2) / 2, math.log(2)])  # one grid value in lr (√2) and in bs (×2)
+    ran = list(state.results["c"])
+    first = ran[0]
+    assert all(np.all(np.abs(z[i] - z[first]) <= step + 1e-9) for i in ran)
