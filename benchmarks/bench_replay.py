@@ -18,6 +18,8 @@ built from the real one by seeded transformations:
   moe       every cell relabelled with another (N, Na, D): N × 2–8, Na = N'/ (2–6), D × 0.5–2,
             its lr/bs grid moved with Step Law to the new cell and then by a common MoE offset
             (lr × 0.5–2, bs × 0.7–1.4); cost = Na'·D', so the cheap-first order changes too
+  moe-na    the same, but the optima follow Step Law in *activated* N (whether MoE optima follow
+            N or Na is not settled), while the law sees total N unless --law-n Na
   combo     half + lr-shift + bs-shift + noise together
 
 Draws use seeds 0.. for the "train" split (where settings were chosen) and 1000.. for the
@@ -95,14 +97,15 @@ def noise(rng: np.random.Generator, grids: Grids) -> Grids:
     ]
 
 
-def moe(rng: np.random.Generator, grids: Grids) -> Grids:
+def moe(rng: np.random.Generator, grids: Grids, follows: str = "N") -> Grids:
     lr_off, bs_off = 2.0 ** rng.uniform(-1, 1), 2.0 ** rng.uniform(-0.5, 0.5)
     out = []
     for g in grids:
         n = g.n * 2.0 ** rng.uniform(1, 3)
         na = n / rng.uniform(2, 6)
         d = g.cell.d * 2.0 ** rng.uniform(-1, 1)
-        (lr0, bs0), (lr1, bs1) = STEP_LAW.predict(g.n, g.cell.d), STEP_LAW.predict(n, d)
+        (lr0, bs0) = STEP_LAW.predict(g.n, g.cell.d)
+        (lr1, bs1) = STEP_LAW.predict(n if follows == "N" else na, d)
         moved = scale_points(g, math.exp(lr1 - lr0) * lr_off, math.exp(bs1 - bs0) * bs_off)
         key = f"MoE N={n / 1e6:.0f}M Na={na / 1e6:.0f}M D={d / 1e9:.3g}B"
         cell = replace(moved.cell, key=key, n_law=n, d=d, cost=na * d)
@@ -122,17 +125,20 @@ SCENARIOS: dict[str, Callable[[np.random.Generator, Grids], Grids]] = {
     "drop": drop,
     "noise": noise,
     "moe": moe,
+    "moe-na": lambda rng, g: moe(rng, g, follows="Na"),
     "combo": combo,
 }
 
 
 def evaluate(
-    grids: Grids, config: SearchConfig, scenario: str, seeds: Sequence[int]
+    grids: Grids, config: SearchConfig, scenario: str, seeds: Sequence[int], law_n: str = "N"
 ) -> list[dict[str, float]]:
     """Totals of one replay per seed (a single draw for the deterministic "full" scenario)."""
     out = []
     for s in seeds[:1] if scenario == "full" else seeds:
         tables = SCENARIOS[scenario](np.random.default_rng(s), grids)
+        if law_n == "Na":
+            tables = [replace(g, cell=replace(g.cell, n_law=g.na)) for g in tables]
         _, tot, _ = replay_grids(tables, config)
         out.append(tot)
     return out
@@ -177,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=10, help="draws per scenario and split")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--priors", default="steplaw,none")
+    p.add_argument("--law-n", default="N", choices=("N", "Na"), help="which N the law sees")
     p.add_argument("--set", nargs="*", default=[], help="SearchConfig overrides, name=value")
     args = p.parse_args(argv)
     grids = build_grid(collect.read_released(args.data))
@@ -192,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for prior in args.priors.split(","):
                 cfg = SearchConfig(prior=prior, **overrides)  # type: ignore[arg-type]
                 label = name if len(splits) == 1 else f"{name} ({split})"
-                print(fmt(label, prior, summary(prior, evaluate(grids, cfg, name, seeds))))
+                print(fmt(label, prior, summary(prior, evaluate(grids, cfg, name, seeds, args.law_n))))
                 sys.stdout.flush()
     print(f"\n{time.perf_counter() - t0:.1f} s")
 
