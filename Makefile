@@ -46,6 +46,7 @@ test-fast: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-demo:
 	rm -rf $(DEMO_SWEEP) $(DEMO_REPORT)

@@ -199,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             for prior in args.priors.split(","):
                 cfg = SearchConfig(prior=prior, **overrides)  # type: ignore[arg-type]
                 label = name if len(splits) == 1 else f"{name} ({split})"
-                print(fmt(label, prior, summary(prior, evaluate(grids, cfg, name, seeds, args.law_n))))
+                print(
+                    fmt(label, prior, summary(prior, evaluate(grids, cfg, name, seeds, args.law_n)))
+                )
                 sys.stdout.flush()
     print(f"\n{time.perf_counter() - t0:.1f} s")
 

@@ -37,9 +37,20 @@ from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError
 
 LAUNCHERS = ("auto", "local", "slurm", "debug")
-SLURM_KEYS = {"partition", "account", "qos", "constraint", "setup", "array_parallelism",
-              "max_array_size", "signal_delay_s", "max_num_timeout", "mem_gb", "additional",
-              "container"}
+SLURM_KEYS = {
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "setup",
+    "array_parallelism",
+    "max_array_size",
+    "signal_delay_s",
+    "max_num_timeout",
+    "mem_gb",
+    "additional",
+    "container",
+}
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -85,7 +96,9 @@ class ArrayChunk:
     run_ids: tuple[str, ...]
 
 
-def plan_arrays(specs: Sequence[RunSpec], rm: ResourceModel, max_array_size: int) -> list[ArrayChunk]:
+def plan_arrays(
+    specs: Sequence[RunSpec], rm: ResourceModel, max_array_size: int
+) -> list[ArrayChunk]:
     """Group by resource class, split at the cluster's MaxArraySize (indices 0..Max-1)."""
     if max_array_size < 2:
         raise SpecError("launcher.max_array_size", f"must be >= 2, got {max_array_size}")
@@ -103,8 +116,9 @@ def plan_arrays(specs: Sequence[RunSpec], rm: ResourceModel, max_array_size: int
 def cluster_max_array_size(default: int = 1001) -> int:
     """The cluster's MaxArraySize (scontrol show config), or `default` if it cannot be read."""
     try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return default
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
@@ -123,8 +137,15 @@ def resolve_launcher(name: str) -> str:
 
 def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]:
     """submitit AutoExecutor parameters for one resource class and the launcher config."""
-    extra = {k: v for k, v in {"account": lc.get("account"), "qos": lc.get("qos"),
-                               "constraint": lc.get("constraint")}.items() if v}
+    extra = {
+        k: v
+        for k, v in {
+            "account": lc.get("account"),
+            "qos": lc.get("qos"),
+            "constraint": lc.get("constraint"),
+        }.items()
+        if v
+    }
     extra.update(dict(lc.get("additional") or {}))
     setup = list(lc.get("setup") or [])
     params: dict[str, Any] = {
@@ -154,23 +175,41 @@ class Submitted:
     failed: tuple[str, ...] = ()  # run_ids whose local/debug run raised
 
 
-def submit_slurm(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
-                 lc: Mapping[str, Any], rm: ResourceModel) -> Submitted:
+def submit_slurm(
+    specs: Sequence[RunSpec],
+    sweep_dir: Path,
+    options: RunOptions,
+    lc: Mapping[str, Any],
+    rm: ResourceModel,
+) -> Submitted:
     max_array = lc.get("max_array_size") or cluster_max_array_size()
     by_id = {s.run_id: s for s in specs}
     job_ids: list[str] = []
     chunks = plan_arrays(specs, rm, int(max_array))
     for chunk in chunks:
-        ex = submitit.AutoExecutor(folder=sweep_dir / "logs", cluster="slurm",
-                                   slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)))
-        ex.update_parameters(name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc))
+        ex = submitit.AutoExecutor(
+            folder=sweep_dir / "logs",
+            cluster="slurm",
+            slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)),
+        )
+        ex.update_parameters(
+            name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
+        )
         dirs = [str(sweep_dir / "runs" / r) for r in chunk.run_ids]
-        jobs = ex.map_array(RunJob(), [by_id[r] for r in chunk.run_ids], dirs,
-                            [options] * len(dirs))
+        jobs = ex.map_array(
+            RunJob(), [by_id[r] for r in chunk.run_ids], dirs, [options] * len(dirs)
+        )
         for rid, job in zip(chunk.run_ids, jobs, strict=True):
-            record_attempt(sweep_dir / "runs" / rid, {
-                "executor": "slurm", "job_id": job.job_id, "resources": chunk.resources.label(),
-                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+            record_attempt(
+                sweep_dir / "runs" / rid,
+                {
+                    "executor": "slurm",
+                    "job_id": job.job_id,
+                    "resources": chunk.resources.label(),
+                    "stdout": str(job.paths.stdout),
+                    "stderr": str(job.paths.stderr),
+                },
+            )
             job_ids.append(job.job_id)
     return Submitted(tuple(job_ids), len(chunks))
 
@@ -186,13 +225,19 @@ def _finish(run_dir: Path, job: submitit.Job) -> str | None:
         record_attempt(run_dir, {"state": "done", "ended": time.time()}, update_last=True)
         return None
     text = f"{type(err).__name__}: {err}"
-    record_attempt(run_dir, {"state": "failed", "error": text[-2000:], "ended": time.time()},
-                   update_last=True)
+    record_attempt(
+        run_dir, {"state": "failed", "error": text[-2000:], "ended": time.time()}, update_last=True
+    )
     return text
 
 
-def submit_local(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
-                 lc: Mapping[str, Any], out=sys.stderr) -> Submitted:
+def submit_local(
+    specs: Sequence[RunSpec],
+    sweep_dir: Path,
+    options: RunOptions,
+    lc: Mapping[str, Any],
+    out=sys.stderr,
+) -> Submitted:
     """Run on this machine, `parallelism` processes at a time; blocks until all end."""
     parallelism = int(lc.get("parallelism", 2))
     if parallelism < 1:
@@ -212,8 +257,16 @@ def submit_local(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
             ex = submitit.LocalExecutor(folder=sweep_dir / "logs")
             ex.update_parameters(timeout_min=int(lc.get("timeout_min", 7 * 24 * 60)))
             job = ex.submit(RunJob(), spec, str(run_dir), options)
-            record_attempt(run_dir, {"executor": "local", "job_id": job.job_id, "pid": int(job.job_id),
-                                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+            record_attempt(
+                run_dir,
+                {
+                    "executor": "local",
+                    "job_id": job.job_id,
+                    "pid": int(job.job_id),
+                    "stdout": str(job.paths.stdout),
+                    "stderr": str(job.paths.stderr),
+                },
+            )
             job_ids.append(job.job_id)
             running[job] = spec
         time.sleep(0.2)
@@ -226,21 +279,38 @@ def submit_local(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
             elapsed = time.time() - start
             eta = elapsed / n_done * (len(specs) - n_done)
             word = f"FAILED {err.splitlines()[0][:120]}" if err else "done"
-            print(f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
-                  f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)", file=out, flush=True)
+            print(
+                f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
+                f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
+                file=out,
+                flush=True,
+            )
     return Submitted(tuple(job_ids), 0, tuple(failed))
 
 
-def submit_debug(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
-                 lc: Mapping[str, Any], out=sys.stderr) -> Submitted:
+def submit_debug(
+    specs: Sequence[RunSpec],
+    sweep_dir: Path,
+    options: RunOptions,
+    lc: Mapping[str, Any],
+    out=sys.stderr,
+) -> Submitted:
     """In this process, one run after another (breakpoints work; pdb only if launcher.pdb)."""
     ex = submitit.DebugExecutor(folder=sweep_dir / "logs")
     job_ids, failed = [], []
     for i, spec in enumerate(specs, 1):
         run_dir = sweep_dir / "runs" / spec.run_id
         job = ex.submit(RunJob(), spec, str(run_dir), options)
-        record_attempt(run_dir, {"executor": "debug", "job_id": job.job_id, "pid": os.getpid(),
-                                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+        record_attempt(
+            run_dir,
+            {
+                "executor": "debug",
+                "job_id": job.job_id,
+                "pid": os.getpid(),
+                "stdout": str(job.paths.stdout),
+                "stderr": str(job.paths.stderr),
+            },
+        )
         job_ids.append(job.job_id)
         if lc.get("pdb"):
             job.result()  # submitit's DebugJob drops into pdb on failure
@@ -250,8 +320,11 @@ def submit_debug(specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
             job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
             with open(job.paths.stderr, "a") as f:
                 f.write(err + "\n")
-        print(f"[{i}/{len(specs)}] {spec.run_id} {_describe(spec)}: {'FAILED ' + err if err else 'done'}",
-              file=out, flush=True)
+        print(
+            f"[{i}/{len(specs)}] {spec.run_id} {_describe(spec)}: {'FAILED ' + err if err else 'done'}",
+            file=out,
+            flush=True,
+        )
     return Submitted(tuple(job_ids), 0, tuple(failed))
 
 
@@ -263,8 +336,14 @@ def _export_pythonpath() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
 
 
-def submit(launcher: str, specs: Iterable[RunSpec], sweep_dir: Path, options: RunOptions,
-           lc: Mapping[str, Any], rm: ResourceModel) -> Submitted:
+def submit(
+    launcher: str,
+    specs: Iterable[RunSpec],
+    sweep_dir: Path,
+    options: RunOptions,
+    lc: Mapping[str, Any],
+    rm: ResourceModel,
+) -> Submitted:
     specs = list(specs)
     if not specs:
         return Submitted((), 0)

@@ -37,7 +37,9 @@ def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
     allowed = {f.name for f in fields(ResourceModel)}
     unknown = set(d) - allowed
     if unknown:
-        raise SpecError(f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}")
+        raise SpecError(
+            f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}"
+        )
     rm = ResourceModel(**d)
     if not (0 < rm.mfu <= 1):
         raise SpecError("resources.mfu", f"must be in (0, 1], got {rm.mfu}")
@@ -54,7 +56,11 @@ class ResourceClass:
     timeout_min: int
 
     def label(self) -> str:
-        dev = f"{self.nodes}x{self.gpus_per_node}gpu" if self.gpus_per_node else f"{self.cpus_per_task}cpu"
+        dev = (
+            f"{self.nodes}x{self.gpus_per_node}gpu"
+            if self.gpus_per_node
+            else f"{self.cpus_per_task}cpu"
+        )
         return f"{dev}/{self.timeout_min}min"
 
 
@@ -85,4 +91,6 @@ def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
     nodes = math.ceil(gpus / rm.gpus_per_node)
     per_node = min(gpus, rm.gpus_per_node)
     minutes = hours / (nodes * per_node) * 60 * rm.safety + rm.overhead_min
-    return ResourceClass(nodes, per_node, rm.cpus_per_gpu * per_node, _pow2_minutes(minutes, rm.min_timeout_min))
+    return ResourceClass(
+        nodes, per_node, rm.cpus_per_gpu * per_node, _pow2_minutes(minutes, rm.min_timeout_min)
+    )

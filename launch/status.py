@@ -21,9 +21,18 @@ from pathlib import Path
 
 STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
 SLURM_ACTIVE = {
-    "PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
-    "CONFIGURING": "queued", "RESIZING": "queued", "SUSPENDED": "queued", "STOPPED": "queued",
-    "RUNNING": "running", "COMPLETING": "running", "SIGNALING": "running", "STAGE_OUT": "running",
+    "PENDING": "queued",
+    "REQUEUED": "queued",
+    "REQUEUE_HOLD": "queued",
+    "REQUEUE_FED": "queued",
+    "CONFIGURING": "queued",
+    "RESIZING": "queued",
+    "SUSPENDED": "queued",
+    "STOPPED": "queued",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
 }
 SLURM_RESUMABLE = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE"}
 # A job SLURM does not (yet) report is "queued" this long after its submission, not "failed":
@@ -140,8 +149,14 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
     if ended is None:  # local/debug attempt with no recorded end: alive or killed
         alive = _pid_alive(last.get("pid"))
         return RunStatus(rid, "running" if alive else "preempted", len(tries), job, "", log)
-    return RunStatus(rid, "failed" if ended == "failed" else "preempted", len(tries), job,
-                     last.get("error", ""), log)
+    return RunStatus(
+        rid,
+        "failed" if ended == "failed" else "preempted",
+        len(tries),
+        job,
+        last.get("error", ""),
+        log,
+    )
 
 
 def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:

@@ -41,7 +41,9 @@ def model_from_cfg(section: Any) -> ModelSpec:
     d = _plain(section)
     moe = d.pop("moe", None)
     model = from_plain(ModelSpec, d, "model")
-    return ModelSpec(**{**model.__dict__, "moe": from_plain(MoESpec, moe, "model.moe") if moe else None})
+    return ModelSpec(
+        **{**model.__dict__, "moe": from_plain(MoESpec, moe, "model.moe") if moe else None}
+    )
 
 
 def data_from_cfg(section: Any) -> DataSpec:
@@ -78,7 +80,9 @@ def options_from_cfg(section: Any) -> RunOptions:
     allowed = {f.name for f in fields(RunOptions)}
     unknown = set(d) - allowed
     if unknown:
-        raise SpecError(f"options.{sorted(unknown)[0]}", f"unknown option; allowed: {sorted(allowed)}")
+        raise SpecError(
+            f"options.{sorted(unknown)[0]}", f"unknown option; allowed: {sorted(allowed)}"
+        )
     if d.get("data_root") is not None:
         d["data_root"] = Path(d["data_root"]).expanduser()
     return RunOptions(**d)

@@ -65,7 +65,9 @@ def window(center: float, span_log2: float, step_log2: float) -> list[float]:
 def _check_keys(value: Mapping, allowed: Sequence[str], field_name: str, entry: str) -> None:
     unknown = set(value) - set(allowed)
     if unknown:
-        raise GridError(field_name, entry, f"unknown key {sorted(unknown)[0]!r}; allowed: {list(allowed)}")
+        raise GridError(
+            field_name, entry, f"unknown key {sorted(unknown)[0]!r}; allowed: {list(allowed)}"
+        )
 
 
 def numeric_axis(
@@ -79,18 +81,26 @@ def numeric_axis(
             raise GridError(name, entry, "empty list")
         return [float(v) for v in value]
     if not isinstance(value, Mapping):
-        raise GridError(name, entry, f"must be a number, a list, {list(RANGE_KEYS)} or {list(WINDOW_KEYS)}")
+        raise GridError(
+            name, entry, f"must be a number, a list, {list(RANGE_KEYS)} or {list(WINDOW_KEYS)}"
+        )
     if "center" in value:
         _check_keys(value, WINDOW_KEYS, name, entry)
         if value["center"] not in LAWS:
-            raise GridError(f"{name}.center", entry, f"unknown law {value['center']!r}; allowed: {list(LAWS)}")
+            raise GridError(
+                f"{name}.center", entry, f"unknown law {value['center']!r}; allowed: {list(LAWS)}"
+            )
         assert law_value is not None
-        return window(law_value(), float(value.get("span_log2", 1.0)), float(value.get("step_log2", 0.5)))
+        return window(
+            law_value(), float(value.get("span_log2", 1.0)), float(value.get("step_log2", 0.5))
+        )
     _check_keys(value, RANGE_KEYS, name, entry)
     try:
         lo, hi, step = float(value["min"]), float(value["max"]), float(value.get("step_log2", 0.5))
     except KeyError as e:
-        raise GridError(name, entry, f"a range needs 'min' and 'max' (allowed keys: {list(RANGE_KEYS)})") from e
+        raise GridError(
+            name, entry, f"a range needs 'min' and 'max' (allowed keys: {list(RANGE_KEYS)})"
+        ) from e
     if not (0 < lo <= hi and step > 0):
         raise GridError(name, entry, f"need 0 < min <= max and step_log2 > 0, got {dict(value)}")
     return log_range(lo, hi, step)
@@ -194,7 +204,9 @@ def _expand_block(
     models = [_model(m, presets, entry) for m in _as_list(block.get("model"))] or [
         _model(base_model, presets, entry)
     ]
-    datas = [_data(r, presets) for r in _as_list(block.get("recipe"))] or [_data(base_data, presets)]
+    datas = [_data(r, presets) for r in _as_list(block.get("recipe"))] or [
+        _data(base_data, presets)
+    ]
     seeds = [int(s) for s in _as_list(block.get("seed"))] or [train0.seed]
     if "tokens" in block and "tokens_per_param" in block:
         raise GridError("tokens", entry, "give either 'tokens' or 'tokens_per_param', not both")
@@ -217,7 +229,9 @@ def _tokens(block: Mapping[str, Any], entry: str, N: int, default: int) -> list[
     return [int(round(float(v))) for v in vals]
 
 
-def _cell_runs(block: Mapping[str, Any], entry: str, cell: RunSpec, seeds: list[int]) -> list[RunSpec]:
+def _cell_runs(
+    block: Mapping[str, Any], entry: str, cell: RunSpec, seeds: list[int]
+) -> list[RunSpec]:
     """The LR x BS x seed runs of one (model, recipe, D) cell."""
     t: TrainSpec = cell.train
 
@@ -227,7 +241,11 @@ def _cell_runs(block: Mapping[str, Any], entry: str, cell: RunSpec, seeds: list[
     def law_bs() -> float:
         return step_law(cell.Na, cell.D)[1] / t.seq_len
 
-    lrs = list(dict.fromkeys(round_sig(v) for v in numeric_axis("lr", block.get("lr", t.lr), entry, law_lr)))
+    lrs = list(
+        dict.fromkeys(
+            round_sig(v) for v in numeric_axis("lr", block.get("lr", t.lr), entry, law_lr)
+        )
+    )
     bs_cfg = block.get("batch_size", t.batch_size)
     round_to = int(bs_cfg.get("round_to", 1)) if isinstance(bs_cfg, Mapping) else 1
     bss = round_batches(numeric_axis("batch_size", bs_cfg, entry, law_bs), round_to)
@@ -242,4 +260,14 @@ def cell_key(spec: RunSpec) -> tuple[str, str, int]:
     return (spec.model.name, spec.data.recipe, spec.D)
 
 
-__all__ = ["GridError", "Presets", "cell_key", "expand", "log_range", "round_sig", "step_law", "window", "yaml_presets"]
+__all__ = [
+    "GridError",
+    "Presets",
+    "cell_key",
+    "expand",
+    "log_range",
+    "round_sig",
+    "step_law",
+    "window",
+    "yaml_presets",
+]

@@ -95,7 +95,11 @@ class Pending:
 # ---- configuration (pure) ----------------------------------------------------------------------
 def guided_config(section: Any) -> GuidedConfig:
     """Validate the `search:` section; errors name the field and the allowed values."""
-    d = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
+    d = (
+        OmegaConf.to_container(section, resolve=True)
+        if isinstance(section, DictConfig)
+        else dict(section or {})
+    )
     unknown = sorted(set(d) - set(SECTION_KEYS))
     if unknown:
         raise SpecError(f"search.{unknown[0]}", f"unknown key; allowed: {list(SECTION_KEYS)}")
@@ -156,8 +160,14 @@ def build_cells(specs: Sequence[RunSpec], law_n: str = "N") -> list[GridCell]:
         s0 = members[0]
         seeds = max(len(r) for r in runs)
         n = s0.N if law_n == "N" else s0.Na
-        cell = Cell(keys[ident], float(n), float(s0.D), float(s0.Na) * s0.D * seeds,
-                    s0.train.seq_len, tuple((float(lr), float(bs)) for lr, bs in points))
+        cell = Cell(
+            keys[ident],
+            float(n),
+            float(s0.D),
+            float(s0.Na) * s0.D * seeds,
+            s0.train.seq_len,
+            tuple((float(lr), float(bs)) for lr, bs in points),
+        )
         out.append(GridCell(cell, runs))
     return out
 
@@ -191,8 +201,9 @@ def fresh_state(cells: Sequence[GridCell], cfg: GuidedConfig) -> SearchState:
     return SearchState.create([g.cell for g in cells], cfg.search)
 
 
-def load_state(sweep_dir: Path, cells: Sequence[GridCell], cfg: GuidedConfig
-               ) -> tuple[SearchState, list[Pending], int]:
+def load_state(
+    sweep_dir: Path, cells: Sequence[GridCell], cfg: GuidedConfig
+) -> tuple[SearchState, list[Pending], int]:
     """The saved search (state, pending points, rounds), or a fresh one; refuses a saved search
     made for other cells or knobs (its results would be fed to the wrong points)."""
     fresh = fresh_state(cells, cfg)
@@ -203,19 +214,35 @@ def load_state(sweep_dir: Path, cells: Sequence[GridCell], cfg: GuidedConfig
     want = json.loads(fresh.to_json())
     for part in ("cells", "config"):
         if saved.get(part) != want[part]:
-            raise SpecError("search", f"{sweep_dir / STATE_FILE} was made for a different grid or "
-                            f"search config ({part} differ); use a new sweep_dir, or delete the "
-                            f"file to restart the search (finished runs are reused)")
+            raise SpecError(
+                "search",
+                f"{sweep_dir / STATE_FILE} was made for a different grid or "
+                f"search config ({part} differ); use a new sweep_dir, or delete the "
+                f"file to restart the search (finished runs are reused)",
+            )
     state = SearchState.from_json(json.dumps(saved))
-    pending = [Pending(p["cell"], int(p["index"]), tuple(p["run_ids"])) for p in doc.get("pending", [])]
+    pending = [
+        Pending(p["cell"], int(p["index"]), tuple(p["run_ids"])) for p in doc.get("pending", [])
+    ]
     return state, pending, int(doc.get("rounds", 0))
 
 
-def save_state(sweep_dir: Path, state: SearchState, pending: Sequence[Pending], rounds: int) -> None:
-    executors.write_json_atomic(sweep_dir / STATE_FILE, {
-        "version": STATE_VERSION, "updated": time.time(), "rounds": rounds, "done": state.done,
-        "pending": [{"cell": p.cell, "index": p.index, "run_ids": list(p.run_ids)} for p in pending],
-        "search": json.loads(state.to_json())})
+def save_state(
+    sweep_dir: Path, state: SearchState, pending: Sequence[Pending], rounds: int
+) -> None:
+    executors.write_json_atomic(
+        sweep_dir / STATE_FILE,
+        {
+            "version": STATE_VERSION,
+            "updated": time.time(),
+            "rounds": rounds,
+            "done": state.done,
+            "pending": [
+                {"cell": p.cell, "index": p.index, "run_ids": list(p.run_ids)} for p in pending
+            ],
+            "search": json.loads(state.to_json()),
+        },
+    )
 
 
 @contextmanager
@@ -226,7 +253,9 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpecError("sweep_dir", f"another guided sweep is running on {sweep_dir}") from None
+            raise SpecError(
+                "sweep_dir", f"another guided sweep is running on {sweep_dir}"
+            ) from None
         try:
             yield
         finally:
@@ -242,9 +271,15 @@ class Resolution:
     failed: tuple[str, ...]  # runs that ended without a result and will not be retried
 
 
-def resolve(pending: Sequence[Pending], by_key: Mapping[str, GridCell],
-            states: Mapping[str, status.RunStatus], losses: Mapping[str, float],
-            retry_failed: bool, max_retries: int, tried: set[str]) -> Resolution:
+def resolve(
+    pending: Sequence[Pending],
+    by_key: Mapping[str, GridCell],
+    states: Mapping[str, status.RunStatus],
+    losses: Mapping[str, float],
+    retry_failed: bool,
+    max_retries: int,
+    tried: set[str],
+) -> Resolution:
     """What to do with the pending points given their runs' states (see sweep.select)."""
     results: dict[Proposal, float] = {}
     submit, failed, waiting = [], [], 0
@@ -275,11 +310,21 @@ def summary(state: SearchState, cells: Sequence[GridCell]) -> list[dict[str, Any
         used = sum(len(g.runs[i]) for i in state.results.get(c.key, {}))
         grid_runs = sum(len(r) for r in g.runs)
         best = state.best(c.key)
-        row = {"cell": c.key, "state": "done" if c.key in finished else
-               ("searching" if state.runs(c.key) else "waiting"),
-               "runs": used, "grid_runs": grid_runs, "points": state.runs(c.key),
-               "grid_points": len(c.points), "cost": c.cost, "lr": None, "bs": None, "loss": None,
-               "run_ids": []}
+        row = {
+            "cell": c.key,
+            "state": "done"
+            if c.key in finished
+            else ("searching" if state.runs(c.key) else "waiting"),
+            "runs": used,
+            "grid_runs": grid_runs,
+            "points": state.runs(c.key),
+            "grid_points": len(c.points),
+            "cost": c.cost,
+            "lr": None,
+            "bs": None,
+            "loss": None,
+            "run_ids": [],
+        }
         if best is not None:
             i, loss = best
             row.update(lr=c.points[i][0], bs=int(c.points[i][1]), loss=loss, run_ids=g.run_ids(i))
@@ -293,15 +338,19 @@ def render(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         lr = f"{r['lr']:.4g}" if r["lr"] is not None else "-"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        lines.append(f"{r['cell']:<40} {r['state']:<9} {r['runs']:>4}/{r['grid_runs']:<4} {lr:>9} "
-                     f"{r['bs'] if r['bs'] is not None else '-':>5} {loss:>8}")
+        lines.append(
+            f"{r['cell']:<40} {r['state']:<9} {r['runs']:>4}/{r['grid_runs']:<4} {lr:>9} "
+            f"{r['bs'] if r['bs'] is not None else '-':>5} {loss:>8}"
+        )
     used = sum(r["runs"] for r in rows)
     total = sum(r["grid_runs"] for r in rows)
     cost_used = sum(r["cost"] * r["points"] for r in rows)
     cost_all = sum(r["cost"] * r["grid_points"] for r in rows)
-    lines.append(f"guided: {used}/{total} runs ({used / max(total, 1):.0%}), "
-                 f"{cost_used / max(cost_all, 1e-300):.1%} of the grid's compute; "
-                 f"{sum(r['state'] == 'done' for r in rows)}/{len(rows)} cells done")
+    lines.append(
+        f"guided: {used}/{total} runs ({used / max(total, 1):.0%}), "
+        f"{cost_used / max(cost_all, 1e-300):.1%} of the grid's compute; "
+        f"{sum(r['state'] == 'done' for r in rows)}/{len(rows)} cells done"
+    )
     return "\n".join(lines)
 
 
@@ -310,8 +359,16 @@ def _read_losses(sweep_dir: Path, run_ids: Sequence[str]) -> dict[str, float]:
     return {r: run_loss(status.read_json(sweep_dir / "runs" / r / "result.json")) for r in run_ids}
 
 
-def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions,
-        lc: Mapping[str, Any], launcher: str, rm: ResourceModel, out=sys.stdout):
+def run(
+    cfg: Any,
+    specs: Sequence[RunSpec],
+    sweep_dir: Path,
+    options: RunOptions,
+    lc: Mapping[str, Any],
+    launcher: str,
+    rm: ResourceModel,
+    out=sys.stdout,
+):
     """Advance the guided search as far as the launcher allows; returns a GuidedResult."""
     gcfg = guided_config(cfg.get("search"))
     cells = build_cells(specs, gcfg.law_n)
@@ -334,17 +391,27 @@ def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions
                     break
                 props = propose(state)
                 if not props:
-                    raise RuntimeError("search: propose() returned nothing for an unfinished search")
-                pending = [Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index)))
-                           for p in props]
+                    raise RuntimeError(
+                        "search: propose() returned nothing for an unfinished search"
+                    )
+                pending = [
+                    Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index))) for p in props
+                ]
                 rounds += 1
                 save_state(sweep_dir, state, pending, rounds)
                 sw.record_sweep(sweep_dir, cfg, _proposed_specs(state, pending, by_key))
                 continue
             ids = [r for p in pending for r in p.run_ids]
             states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids)}
-            res = resolve(pending, by_key, states, _read_losses(sweep_dir, ids), retry, max_retries,
-                          set(submitted))
+            res = resolve(
+                pending,
+                by_key,
+                states,
+                _read_losses(sweep_dir, ids),
+                retry,
+                max_retries,
+                set(submitted),
+            )
             failed += res.failed
             if res.submit:
                 todo = [by_id[r] for r in res.submit]
@@ -352,10 +419,19 @@ def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions
                 submitted += res.submit
                 job_ids += sub.job_ids
                 calls += sub.batch_calls
-                sw.append_submission(sweep_dir, {
-                    "time": time.time(), "launcher": launcher, "search": "guided", "round": rounds,
-                    "submitted": len(todo), "run_ids": list(res.submit), "job_ids": list(sub.job_ids),
-                    "batch_calls": sub.batch_calls})
+                sw.append_submission(
+                    sweep_dir,
+                    {
+                        "time": time.time(),
+                        "launcher": launcher,
+                        "search": "guided",
+                        "round": rounds,
+                        "submitted": len(todo),
+                        "run_ids": list(res.submit),
+                        "job_ids": list(sub.job_ids),
+                        "batch_calls": sub.batch_calls,
+                    },
+                )
                 print(f"round {rounds}: submitted {len(todo)} runs to {launcher}", file=out)
                 if blocking:
                     continue
@@ -375,14 +451,30 @@ def run(cfg: Any, specs: Sequence[RunSpec], sweep_dir: Path, options: RunOptions
     print(text, file=out)
     if not state.done:
         n = sum(len(p.run_ids) for p in pending)
-        print(f"search not done: {n} runs of round {rounds} pending; rerun this command (or set "
-              f"search.wait=true) to advance it; sweep dir {sweep_dir}", file=out)
-    return GuidedResult(sweep_dir, tuple(specs), {}, tuple(submitted), tuple(job_ids), calls,
-                        tuple(dict.fromkeys(failed)), launcher, text, state.done, tuple(rows), rounds)
+        print(
+            f"search not done: {n} runs of round {rounds} pending; rerun this command (or set "
+            f"search.wait=true) to advance it; sweep dir {sweep_dir}",
+            file=out,
+        )
+    return GuidedResult(
+        sweep_dir,
+        tuple(specs),
+        {},
+        tuple(submitted),
+        tuple(job_ids),
+        calls,
+        tuple(dict.fromkeys(failed)),
+        launcher,
+        text,
+        state.done,
+        tuple(rows),
+        rounds,
+    )
 
 
-def _proposed_specs(state: SearchState, pending: Sequence[Pending],
-                    by_key: Mapping[str, GridCell]) -> list[RunSpec]:
+def _proposed_specs(
+    state: SearchState, pending: Sequence[Pending], by_key: Mapping[str, GridCell]
+) -> list[RunSpec]:
     """Every spec the search has asked for so far: the sweep's manifest (what status shows)."""
     out: list[RunSpec] = []
     for key, res in state.results.items():
@@ -397,8 +489,9 @@ def _dry_run(state, pending, cells, by_id, sweep_dir, rm, launcher, out):
     """Print the cells in search order and the next round's runs; write nothing."""
     by_key = {g.cell.key: g for g in cells}
     if not pending and not state.done:
-        pending = [Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index)))
-                   for p in propose(state)]
+        pending = [
+            Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index))) for p in propose(state)
+        ]
     ids = [r for p in pending for r in p.run_ids]
     nxt = [by_id[r] for r in ids]
     statuses = status.sweep_states(sweep_dir, ids)
@@ -407,7 +500,17 @@ def _dry_run(state, pending, cells, by_id, sweep_dir, rm, launcher, out):
     if nxt:
         text += "\nnext round:\n" + sw.table(nxt, statuses, todo, rm, launcher, 0)
     print(text, file=out)
-    return GuidedResult(sweep_dir, tuple(by_id.values()), status.counts(statuses), (), (), 0, (),
-                        launcher, text, state.done, tuple(summary(state, cells)), 0)
-
-
+    return GuidedResult(
+        sweep_dir,
+        tuple(by_id.values()),
+        status.counts(statuses),
+        (),
+        (),
+        0,
+        (),
+        launcher,
+        text,
+        state.done,
+        tuple(summary(state, cells)),
+        0,
+    )

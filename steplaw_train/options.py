@@ -15,7 +15,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass(frozen=True)
 class RunOptions:
     data_root: Path = Path("data")  # tokenized datasets and the demo corpus cache
-    micro_batch_size: int | None = None  # None: largest divisor of the per-rank batch <= max_micro_batch
+    micro_batch_size: int | None = (
+        None  # None: largest divisor of the per-rank batch <= max_micro_batch
+    )
     max_micro_batch: int = 8  # sequences per micro-batch when choosing automatically
     # auto = bf16 on GPU (Transformer Engine spec), fp32 on CPU (local spec); bf16 on CPU runs
     # megatron's mixed precision (bf16 model, fp32 main params) with the local spec: slow, but it
@@ -24,7 +26,9 @@ class RunOptions:
     checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
     keep_checkpoints: int = 1  # complete checkpoints kept on disk
     divergence_factor: float = 2.0  # after warmup, stop when the loss EMA exceeds factor * its best
-    divergence_window: int = 50  # steps of that EMA: one hard batch (bs=1 at seq 128) is not divergence
+    divergence_window: int = (
+        50  # steps of that EMA: one hard batch (bs=1 at seq 128) is not divergence
+    )
     wandb_project: str = "steplaw"
     wandb_group: str | None = None  # the sweep name; None for a lone run
     wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else "offline"

@@ -58,9 +58,13 @@ def count(
     active = n_dense * dense_layer_params(h, ffnh) + n_moe * (
         4 * h * h + 3 * h * (topk * moe_ffnh + shared_ffnh)
     )
-    m = 6.0 * h * (
-        n_dense * (4 * h + 3 * ffnh + 2 * seq_len)
-        + n_moe * (4 * h + 3 * (topk * moe_ffnh + shared_ffnh) + 2 * seq_len)
+    m = (
+        6.0
+        * h
+        * (
+            n_dense * (4 * h + 3 * ffnh + 2 * seq_len)
+            + n_moe * (4 * h + 3 * (topk * moe_ffnh + shared_ffnh) + 2 * seq_len)
+        )
     )
     return Counts(N=total, Na=active, M=m)
 

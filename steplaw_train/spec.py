@@ -225,7 +225,9 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
                 "model.moe.topk", f"must be in [1, num_experts={e.num_experts}], got {e.topk}"
             )
         if e.expert_ffn_hidden <= 0:
-            raise SpecError("model.moe.expert_ffn_hidden", f"must be > 0, got {e.expert_ffn_hidden}")
+            raise SpecError(
+                "model.moe.expert_ffn_hidden", f"must be > 0, got {e.expert_ffn_hidden}"
+            )
         if e.shared_expert_ffn_hidden < 0:
             raise SpecError("model.moe.shared_expert_ffn_hidden", "must be >= 0")
         if not 0 <= e.dense_layers < m.layers:
@@ -243,7 +245,9 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
             f"{t.tokens} is smaller than one step (batch_size*seq_len = {spec.tokens_per_step})",
         )
     if t.min_lr_mode not in MIN_LR_MODES:
-        raise SpecError("train.min_lr_mode", f"must be one of {MIN_LR_MODES}, got {t.min_lr_mode!r}")
+        raise SpecError(
+            "train.min_lr_mode", f"must be one of {MIN_LR_MODES}, got {t.min_lr_mode!r}"
+        )
     if t.min_lr < 0:
         raise SpecError("train.min_lr", f"must be >= 0, got {t.min_lr}")
     if spec.final_lr > t.lr:

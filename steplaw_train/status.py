@@ -37,7 +37,9 @@ def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int
     lines = ["  ".join(f"{k}={v}" for k, v in counts.items())]
     for s in statuses:
         if s.state in ("failed", "preempted", "running", "queued"):
-            lines.append(f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}")
+            lines.append(
+                f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}"
+            )
         if s.state == "failed":
             tail = st.log_tail(s.log, tail_lines)
             lines += [f"    | {t}" for t in tail.splitlines()]

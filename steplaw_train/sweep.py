@@ -76,8 +76,14 @@ def check_data(specs: Sequence[RunSpec], options: RunOptions) -> None:
         check(data, options.data_root)
 
 
-def table(specs: Sequence[RunSpec], statuses: Sequence[status.RunStatus], todo: set[str],
-          rm: ResourceModel, launcher: str, batch_calls: int) -> str:
+def table(
+    specs: Sequence[RunSpec],
+    statuses: Sequence[status.RunStatus],
+    todo: set[str],
+    rm: ResourceModel,
+    launcher: str,
+    batch_calls: int,
+) -> str:
     """Dry-run table: one row per (model, recipe, D) cell."""
     state = {s.run_id: s.state for s in statuses}
     rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
@@ -93,18 +99,26 @@ def table(specs: Sequence[RunSpec], statuses: Sequence[status.RunStatus], todo: 
         r["hours"] += device_hours(spec, rm)
         classes[key].add(resource_class(spec, rm).label())
     unit = "GPU-h" if rm.gpus_per_node else "CPU-h"
-    head = f"{'model':<18} {'recipe':<18} {'D':>9} {'runs':>5} {'submit':>6} {'finished':>8} " \
-           f"{'queued':>6} {'failed':>6} {unit:>9}  resources"
+    head = (
+        f"{'model':<18} {'recipe':<18} {'D':>9} {'runs':>5} {'submit':>6} {'finished':>8} "
+        f"{'queued':>6} {'failed':>6} {unit:>9}  resources"
+    )
     lines = [head, "-" * len(head)]
-    for (model, recipe, D), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        lines.append(f"{model:<18} {recipe:<18} {D:>9.3g} {r['runs']:>5} {r['submit']:>6} "
-                     f"{r['finished']:>8} {r['queued']:>6} {r['failed']:>6} {r['hours']:>9.3g}  "
-                     f"{','.join(sorted(classes[(model, recipe, D)]))}")
+    for (model, recipe, D), r in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
+    ):
+        lines.append(
+            f"{model:<18} {recipe:<18} {D:>9.3g} {r['runs']:>5} {r['submit']:>6} "
+            f"{r['finished']:>8} {r['queued']:>6} {r['failed']:>6} {r['hours']:>9.3g}  "
+            f"{','.join(sorted(classes[(model, recipe, D)]))}"
+        )
     total = sum(r["hours"] for r in rows.values())
     todo_h = sum(device_hours(s, rm) for s in specs if s.run_id in todo)
-    lines.append(f"{len(specs)} runs in {len(rows)} cells; {len(todo)} to submit via {launcher} "
-                 f"({batch_calls} sbatch calls); {unit} total {total:.4g}, to submit {todo_h:.4g} "
-                 f"(MFU {rm.mfu}, {rm.peak_tflops} TFLOP/s peak)")
+    lines.append(
+        f"{len(specs)} runs in {len(rows)} cells; {len(todo)} to submit via {launcher} "
+        f"({batch_calls} sbatch calls); {unit} total {total:.4g}, to submit {todo_h:.4g} "
+        f"(MFU {rm.mfu}, {rm.peak_tflops} TFLOP/s peak)"
+    )
     return "\n".join(lines)
 
 
@@ -117,8 +131,14 @@ def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / ".config.yaml.tmp").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (sweep_dir / ".config.yaml.tmp").replace(sweep_dir / "config.yaml")
-    executors.write_json_atomic(sweep_dir / "manifest.json", {
-        "grid": cfg.grid.get("name"), "updated": time.time(), "run_ids": [s.run_id for s in specs]})
+    executors.write_json_atomic(
+        sweep_dir / "manifest.json",
+        {
+            "grid": cfg.grid.get("name"),
+            "updated": time.time(),
+            "run_ids": [s.run_id for s in specs],
+        },
+    )
     for spec in specs:
         path = sweep_dir / "runs" / spec.run_id / "spec.json"
         if not path.exists():
@@ -144,7 +164,9 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
 
         return guided.run(cfg, specs, sweep_dir, options, lc, launcher, rm, out)
     statuses = status.sweep_states(sweep_dir, [s.run_id for s in specs])
-    todo_ids = select(statuses, bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1)))
+    todo_ids = select(
+        statuses, bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1))
+    )
     todo = [s for s in specs if s.run_id in set(todo_ids)]
     max_array = int(lc.get("max_array_size") or 1001)
     calls = len(executors.plan_arrays(todo, rm, max_array)) if launcher == "slurm" else 0
@@ -156,13 +178,33 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     check_data(todo, options)
     record_sweep(sweep_dir, cfg, specs)
     sub = executors.submit(launcher, todo, sweep_dir, options, lc, rm)
-    append_submission(sweep_dir, {"time": time.time(), "launcher": launcher,
-                                   "submitted": len(todo), "run_ids": [s.run_id for s in todo],
-                                   "job_ids": list(sub.job_ids), "batch_calls": sub.batch_calls})
-    print(f"submitted {len(todo)} runs ({sub.batch_calls} job arrays) to {launcher}; "
-          f"sweep dir {sweep_dir}", file=out)
-    return SweepResult(sweep_dir, tuple(specs), before, tuple(s.run_id for s in todo),
-                       sub.job_ids, sub.batch_calls, sub.failed, launcher, text)
+    append_submission(
+        sweep_dir,
+        {
+            "time": time.time(),
+            "launcher": launcher,
+            "submitted": len(todo),
+            "run_ids": [s.run_id for s in todo],
+            "job_ids": list(sub.job_ids),
+            "batch_calls": sub.batch_calls,
+        },
+    )
+    print(
+        f"submitted {len(todo)} runs ({sub.batch_calls} job arrays) to {launcher}; "
+        f"sweep dir {sweep_dir}",
+        file=out,
+    )
+    return SweepResult(
+        sweep_dir,
+        tuple(specs),
+        before,
+        tuple(s.run_id for s in todo),
+        sub.job_ids,
+        sub.batch_calls,
+        sub.failed,
+        launcher,
+        text,
+    )
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """One rank of a data-parallel CPU run, launched by the tests through torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.dp_child RUN_DIR DATA_ROOT TOKENS
+python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.dp_child RUN_DIR DATA_ROOT TOKENS
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ import pytest
 
 REPORT = os.environ.get("STEPLAW_DEMO_REPORT")
 if not REPORT and not os.environ.get("STEPLAW_REQUIRE_DEMO"):
-    pytest.skip("no demo report (run `make demo`, set STEPLAW_DEMO_REPORT)", allow_module_level=True)
+    pytest.skip(
+        "no demo report (run `make demo`, set STEPLAW_DEMO_REPORT)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,9 @@ def test_demo_grid_shape():
     specs = expand_from_cfg(sweep_cfg("+grid=demo"))
     assert len(specs) == 48
     assert len({s.N for s in specs}) >= 2 and len({s.D for s in specs}) >= 2
-    assert {g.cell_key(s) for s in specs} == {(m, "demo", d) for m in ("demo_dense_small", "demo_dense")
-                                             for d in (150000, 300000)}
+    assert {g.cell_key(s) for s in specs} == {
+        (m, "demo", d) for m in ("demo_dense_small", "demo_dense") for d in (150000, 300000)
+    }
 
 
 def test_dense_1b_lr_grid_matches_released_values():
@@ -80,8 +81,14 @@ def test_window_is_centred_on_step_law():
 
 def _expand(block, **kw):
     presets = g.yaml_presets()
-    return g.expand({"name": "t", "blocks": [block]}, "demo_dense", "demo",
-                    {"lr": 1e-3, "batch_size": 4, "tokens": 4096, "seq_len": 128}, presets, **kw)
+    return g.expand(
+        {"name": "t", "blocks": [block]},
+        "demo_dense",
+        "demo",
+        {"lr": 1e-3, "batch_size": 4, "tokens": 4096, "seq_len": 128},
+        presets,
+        **kw,
+    )
 
 
 def test_tokens_per_param():
@@ -89,16 +96,19 @@ def test_tokens_per_param():
     assert sorted(s.D for s in specs) == [specs[0].N, 2 * specs[0].N]
 
 
-@pytest.mark.parametrize("block, words", [
-    ({"lrs": [1e-3]}, ["grid.blocks", "grid 't' block 0", "allowed", "batch_size"]),
-    ({"lr": {"min": 1e-3, "max": 1e-2, "steps": 3}}, ["lr", "block 0", "step_log2"]),
-    ({"lr": {"center": "kaplan"}}, ["lr.center", "block 0", "step_law"]),
-    ({"model": ["no_such_model"]}, ["model", "no_such_model", "demo_dense_small"]),
-    ({"recipe": ["nope"]}, ["data", "nope", "demo_code_heavy"]),
-    ({"tokens": [100]}, ["train.tokens", "block 0", "model=demo_dense D=100"]),
-    ({"train": {"warmup": 3}}, ["train.warmup", "block 0", "warmup_fraction"]),
-    ({"tokens": [4096], "tokens_per_param": [1]}, ["tokens", "not both"]),
-])
+@pytest.mark.parametrize(
+    "block, words",
+    [
+        ({"lrs": [1e-3]}, ["grid.blocks", "grid 't' block 0", "allowed", "batch_size"]),
+        ({"lr": {"min": 1e-3, "max": 1e-2, "steps": 3}}, ["lr", "block 0", "step_log2"]),
+        ({"lr": {"center": "kaplan"}}, ["lr.center", "block 0", "step_law"]),
+        ({"model": ["no_such_model"]}, ["model", "no_such_model", "demo_dense_small"]),
+        ({"recipe": ["nope"]}, ["data", "nope", "demo_code_heavy"]),
+        ({"tokens": [100]}, ["train.tokens", "block 0", "model=demo_dense D=100"]),
+        ({"train": {"warmup": 3}}, ["train.warmup", "block 0", "warmup_fraction"]),
+        ({"tokens": [4096], "tokens_per_param": [1]}, ["tokens", "not both"]),
+    ],
+)
 def test_errors_name_field_entry_and_allowed_values(block, words):
     with pytest.raises(g.GridError) as err:
         _expand(block)

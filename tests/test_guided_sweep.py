@@ -22,11 +22,14 @@ from steplaw_train.sweep import expand_from_cfg, sweep
 # Acceptance grid: one model, one D, 4 LR x 3 BS = 12 runs of 16-64 steps (~1-5 s each).
 # Measured with seed 1234 (smooth loss): bs=1 row 3.11 / 2.86 / 2.91 / 3.00 over lr
 # 0.004 / 0.008 / 0.016 / 0.032: an interior LR optimum at (0.008, 1).
-GRID12 = ("grid.blocks=[{model:[demo_dense_small],tokens:[8192],"
-          "lr:[0.004,0.008,0.016,0.032],batch_size:[1,2,4]}]")
+GRID12 = (
+    "grid.blocks=[{model:[demo_dense_small],tokens:[8192],"
+    "lr:[0.004,0.008,0.016,0.032],batch_size:[1,2,4]}]"
+)
 # Driver tests: two cells (two D) of 2 LR x 2 BS, 8-32 steps per run.
-GRID2x4 = ("grid.blocks=[{model:[demo_dense_small],tokens:[4096,8192],"
-           "lr:[0.004,0.008],batch_size:[2,4]}]")
+GRID2x4 = (
+    "grid.blocks=[{model:[demo_dense_small],tokens:[4096,8192],lr:[0.004,0.008],batch_size:[2,4]}]"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -36,9 +39,17 @@ def _env(monkeypatch):
 
 def cfg_for(sweep_dir, data_root, grid, *overrides):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("sweep", overrides=["+grid=tiny", grid, f"sweep_dir={sweep_dir}",
-                                           f"options.data_root={data_root}", "launcher=debug",
-                                           *overrides])
+        return compose(
+            "sweep",
+            overrides=[
+                "+grid=tiny",
+                grid,
+                f"sweep_dir={sweep_dir}",
+                f"options.data_root={data_root}",
+                "launcher=debug",
+                *overrides,
+            ],
+        )
 
 
 def saved_state(sweep_dir) -> tuple[SearchState, dict]:
@@ -47,14 +58,18 @@ def saved_state(sweep_dir) -> tuple[SearchState, dict]:
 
 
 def losses(sweep_dir, run_ids):
-    return {r: json.loads((sweep_dir / "runs" / r / "result.json").read_text())["smooth_loss"]
-            for r in run_ids}
+    return {
+        r: json.loads((sweep_dir / "runs" / r / "result.json").read_text())["smooth_loss"]
+        for r in run_ids
+    }
 
 
 # ---- pure parts ------------------------------------------------------------------------------
 def test_cells_group_seeds_into_points_and_order_points(tmp_path):
-    grid = ("grid.blocks=[{model:[demo_dense_small,demo_dense],tokens:[4096],lr:[0.004,0.002],"
-            "batch_size:[4,2],seed:[1,2]}]")
+    grid = (
+        "grid.blocks=[{model:[demo_dense_small,demo_dense],tokens:[4096],lr:[0.004,0.002],"
+        "batch_size:[4,2],seed:[1,2]}]"
+    )
     specs = expand_from_cfg(cfg_for(tmp_path, tmp_path, grid))
     cells = guided.build_cells(specs)
     assert [g.cell.key for g in cells] == ["demo_dense demo D=4096", "demo_dense_small demo D=4096"]
@@ -63,8 +78,11 @@ def test_cells_group_seeds_into_points_and_order_points(tmp_path):
         assert all([s.train.seed for s in r] == [1, 2] for r in g.runs)
         s = g.runs[0][0]
         assert g.cell.cost == s.Na * s.D * 2 and g.cell.n_law == s.N and g.cell.seq_len == 128
-        assert all((s.train.lr, s.train.batch_size) == p for r, p in zip(g.runs, g.cell.points, strict=True)
-                   for s in r)
+        assert all(
+            (s.train.lr, s.train.batch_size) == p
+            for r, p in zip(g.runs, g.cell.points, strict=True)
+            for s in r
+        )
     assert sum(len(r) for g in cells for r in g.runs) == len(specs) == 16
 
 
@@ -78,12 +96,18 @@ def test_point_loss_and_run_loss():
     assert math.isnan(guided.run_loss({"status": "done", "smooth_loss": None}))
 
 
-@pytest.mark.parametrize("override, field", [
-    ("search.prior=law", "search.prior"), ("search.batch=0", "search.batch"),
-    ("search.parallel_cells=0", "search.parallel_cells"),
-    ("search.law_n=M", "search.law_n"), ("+search.knobs.tua=1", "search.knobs.tua"),
-    ("+search.knobs.tau=-1", "search.knobs.tau"), ("+search.colour=1", "search.colour"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("search.prior=law", "search.prior"),
+        ("search.batch=0", "search.batch"),
+        ("search.parallel_cells=0", "search.parallel_cells"),
+        ("search.law_n=M", "search.law_n"),
+        ("+search.knobs.tua=1", "search.knobs.tua"),
+        ("+search.knobs.tau=-1", "search.knobs.tau"),
+        ("+search.colour=1", "search.colour"),
+    ],
+)
 def test_bad_search_config_names_the_field(tmp_path, override, field):
     cfg = cfg_for(tmp_path / "sw", tmp_path, GRID2x4, "search=guided", override)
     with pytest.raises(SpecError) as e:
@@ -98,8 +122,11 @@ def test_resolve_waits_retries_and_gives_up():
     g = cells[0]
     pend = [guided.Pending(g.cell.key, i, tuple(g.run_ids(i))) for i in range(3)]
     ids = [p.run_ids[0] for p in pend]
-    states = {ids[0]: RunStatus(ids[0], "done", 1, "1"), ids[1]: RunStatus(ids[1], "queued", 1, "2"),
-              ids[2]: RunStatus(ids[2], "failed", 1, "3")}
+    states = {
+        ids[0]: RunStatus(ids[0], "done", 1, "1"),
+        ids[1]: RunStatus(ids[1], "queued", 1, "2"),
+        ids[2]: RunStatus(ids[2], "failed", 1, "3"),
+    }
     res = guided.resolve(pend, by_key, states, {ids[0]: 3.0}, False, 1, set())
     assert res.submit == (ids[2],) and res.waiting == 1 and res.failed == ()
     assert [(p.index, v) for p, v in res.results.items()] == [(0, 3.0)]
@@ -125,8 +152,10 @@ def test_guided_driver_runs_rounds_resumes_and_refuses_other_grids(tmp_path, dat
     assert state.done and doc["pending"] == [] and doc["rounds"] == len(res.submitted)
     assert len(res.submitted) == sum(c["runs"] for c in res.cells) < 8
     # the cheaper cell (D=4096) is searched first; chosen = the best run the search made in it
-    assert [c["cell"] for c in res.cells] == ["demo_dense_small demo D=4096",
-                                              "demo_dense_small demo D=8192"]
+    assert [c["cell"] for c in res.cells] == [
+        "demo_dense_small demo D=4096",
+        "demo_dense_small demo D=8192",
+    ]
     got = losses(sw, res.submitted)
     for c, gc in zip(res.cells, guided.build_cells(res.specs), strict=True):
         mine = {r for i in range(len(gc.runs)) for r in gc.run_ids(i)} & set(got)
@@ -155,12 +184,18 @@ def test_guided_driver_runs_rounds_resumes_and_refuses_other_grids(tmp_path, dat
 
 def test_guided_driver_searches_cells_in_parallel(tmp_path, data_root):
     sw = tmp_path / "sw"
-    res = sweep(cfg_for(sw, data_root, GRID2x4, "search=guided", "search.parallel_cells=2"),
-                out=io.StringIO())
+    res = sweep(
+        cfg_for(sw, data_root, GRID2x4, "search=guided", "search.parallel_cells=2"),
+        out=io.StringIO(),
+    )
     assert res.done and res.failed == ()
     rounds = [json.loads(x) for x in (sw / "submissions.jsonl").read_text().splitlines()]
-    cells = {r: gc.cell.key for gc in guided.build_cells(res.specs)
-             for i in range(len(gc.runs)) for r in gc.run_ids(i)}
+    cells = {
+        r: gc.cell.key
+        for gc in guided.build_cells(res.specs)
+        for i in range(len(gc.runs))
+        for r in gc.run_ids(i)
+    }
     assert {cells[r] for r in rounds[0]["run_ids"]} == set(cells.values())  # both cells at once
     assert res.rounds == len(rounds) < len(res.submitted)
     assert all(c["state"] == "done" and c["runs"] >= 1 for c in res.cells)
@@ -190,8 +225,10 @@ def test_guided_finds_the_full_grids_optimum_with_fewer_runs(tmp_path, data_root
     best = min(grid.values())
     chosen = grid[cell["run_ids"][0]]
     assert chosen == cell["loss"] and chosen <= best * 1.01, (chosen, best, cell)
-    print(f"\nguided (steplaw): {len(g.submitted)}/12 runs, chosen lr={cell['lr']} bs={cell['bs']} "
-          f"loss {chosen:.4f}; grid min {best:.4f}")
+    print(
+        f"\nguided (steplaw): {len(g.submitted)}/12 runs, chosen lr={cell['lr']} bs={cell['bs']} "
+        f"loss {chosen:.4f}; grid min {best:.4f}"
+    )
 
     # prior none on the same finished runs (a copy without the search state): nothing is trained,
     # the search reads the runs it asks for; it must also stop early near the optimum. A lone cell
@@ -201,9 +238,17 @@ def test_guided_finds_the_full_grids_optimum_with_fewer_runs(tmp_path, data_root
     other = tmp_path / "none"
     shutil.copytree(sw, other, symlinks=True)
     (other / guided.STATE_FILE).unlink()
-    n = sweep(cfg_for(other, data_root, GRID12, "search=guided", "search.prior=none",
-                       "+search.knobs.neighbour_cost=1"),
-              out=io.StringIO())
+    n = sweep(
+        cfg_for(
+            other,
+            data_root,
+            GRID12,
+            "search=guided",
+            "search.prior=none",
+            "+search.knobs.neighbour_cost=1",
+        ),
+        out=io.StringIO(),
+    )
     [cell] = n.cells
     assert n.done and n.submitted == () and cell["runs"] < 12
     assert grid[cell["run_ids"][0]] <= best * 1.01, (cell, best)
@@ -233,8 +278,10 @@ def test_guided_on_slurm_returns_after_each_round_then_waits(tmp_path, data_root
     assert not first.done and len(first.submitted) == 1 and first.batch_calls == 1
     again = sweep(cfg_for(sw, data_root, grid, *over), out=io.StringIO())
     assert again.submitted == () and not again.done  # its round is still queued or running
-    last = sweep(cfg_for(sw, data_root, grid, *over, "search.wait=true", "search.poll_s=2"),
-                 out=io.StringIO())
+    last = sweep(
+        cfg_for(sw, data_root, grid, *over, "search.wait=true", "search.poll_s=2"),
+        out=io.StringIO(),
+    )
     assert last.done and last.failed == ()
     [cell] = last.cells
     assert 1 <= cell["runs"] <= 2 and status_cli.summary(sw)[0]["done"] == cell["runs"]

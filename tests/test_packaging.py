@@ -15,7 +15,7 @@ def _pyproject() -> dict:
 
 def test_dockerfile_installs_an_extra_that_exists_and_brings_transformer_engine():
     docker = (ROOT / "Dockerfile").read_text()
-    extras = set(re.findall(r'\.\[([a-z,]+)\]', docker))
+    extras = set(re.findall(r"\.\[([a-z,]+)\]", docker))
     assert extras, "Dockerfile must install the project with an extra, e.g. .[gpu]"
     declared = _pyproject()["project"]["optional-dependencies"]
     for group in extras:

@@ -42,7 +42,15 @@ def test_sbatch_script_matches_golden(tmp_path):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
     # the properties the harness relies on, stated so a regenerated golden cannot drop them
-    for line in ("#SBATCH --signal=USR2@120", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --time=2048", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=steplaw", "module load cuda/12.4", "#SBATCH --array=0-119%64"):
+    for line in (
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --time=2048",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=steplaw",
+        "module load cuda/12.4",
+        "#SBATCH --array=0-119%64",
+    ):
         assert line in text, line

@@ -214,7 +214,9 @@ def test_budget_confirms_the_whole_neighbourhood_of_cheap_cells():
 
 
 def test_parallel_cells_search_the_cheapest_unfinished_cells_at_once():
-    cells = [make_cell(k, n, d) for k, n, d in (("a", 2e8, 4e9), ("b", 4e8, 1e10), ("c", 1e9, 5e10))]
+    cells = [
+        make_cell(k, n, d) for k, n, d in (("a", 2e8, 4e9), ("b", 4e8, 1e10), ("c", 1e9, 5e10))
+    ]
     opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
     seq = SearchState.create(cells)
     par = SearchState.create(cells, SearchConfig(parallel_cells=2))

@@ -22,14 +22,19 @@ from steplaw_train.config import config_dir
 from steplaw_train.sweep import sweep
 
 pytestmark = pytest.mark.slurm
-GRID6 = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.003,0.004],batch_size:[2,4]}]"
+GRID6 = (
+    "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.003,0.004],batch_size:[2,4]}]"
+)
 LONG = "grid.blocks=[{model:[demo_dense_small],tokens:[49152],lr:[0.003],batch_size:[4]}]"
 
 
 def _cluster_up() -> bool:
     try:
-        return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0 \
-            and subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(["scontrol", "ping"], capture_output=True, timeout=10).returncode == 0
+            and subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=10).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -48,8 +53,13 @@ def env(tmp_path_factory):
     """Shared tmp dirs; the environment submitit's jobs inherit (sbatch exports it)."""
     root = tmp_path_factory.mktemp("slurm")
     saved = dict(os.environ)
-    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(root / "wandb"), OMP_NUM_THREADS="1",
-                      WANDB_CACHE_DIR=str(root / "wandb"), WANDB_CONFIG_DIR=str(root / "wandb"))
+    os.environ.update(
+        WANDB_MODE="offline",
+        WANDB_DIR=str(root / "wandb"),
+        OMP_NUM_THREADS="1",
+        WANDB_CACHE_DIR=str(root / "wandb"),
+        WANDB_CONFIG_DIR=str(root / "wandb"),
+    )
     yield root
     os.environ.clear()
     os.environ.update(saved)
@@ -57,9 +67,18 @@ def env(tmp_path_factory):
 
 def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("sweep", overrides=[
-            "+grid=tiny", GRID6, "launcher=slurm", f"sweep_dir={sweep_dir}",
-            f"options.data_root={data_root}", "++launcher.signal_delay_s=30", *overrides])
+        return compose(
+            "sweep",
+            overrides=[
+                "+grid=tiny",
+                GRID6,
+                "launcher=slurm",
+                f"sweep_dir={sweep_dir}",
+                f"options.data_root={data_root}",
+                "++launcher.signal_delay_s=30",
+                *overrides,
+            ],
+        )
 
 
 def wait_finished(sweep_dir: Path, run_ids, timeout_s: float = 240) -> dict[str, str]:
@@ -93,9 +112,13 @@ def test_grid_goes_out_as_one_array_and_completes(array_sweep):
         result = json.loads((sw / "runs" / rid / "result.json").read_text())
         assert result["status"] == "done" and result["run_id"] == rid
         assert wandb_ids(sw / "runs" / rid) == {rid}
-    out = subprocess.run(["python", "-m", "steplaw_train.status", str(sw), "--json"],
-                         capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
+    out = subprocess.run(
+        ["python", "-m", "steplaw_train.status", str(sw), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     counts = json.loads(out)
     assert counts["done"] == 6 and counts["submitted_last"] == 6 and counts["failed"] == 0
 
@@ -119,23 +142,33 @@ def test_requeued_run_resumes_bitwise(env):
     (rid,), (job,) = res.submitted, res.job_ids
     run_dir = sw / "runs" / rid
     deadline = time.time() + 180
-    while not any((run_dir / "checkpoints").glob("*/complete")) if (run_dir / "checkpoints").exists() \
-            else True:
+    while (
+        not any((run_dir / "checkpoints").glob("*/complete"))
+        if (run_dir / "checkpoints").exists()
+        else True
+    ):
         assert time.time() < deadline, "no checkpoint written"
         time.sleep(0.5)
     assert not (run_dir / "result.json").exists(), "run finished before it could be requeued"
     subprocess.run(["scontrol", "requeue", job], check=True)
     ref = sweep(cfg_for(env / "swref", env / "data", LONG, "launcher=debug"))  # uninterrupted
     assert wait_finished(sw, [rid])[rid] == "done"
-    info = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
-                          capture_output=True, text=True).stdout
+    info = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "REQUEUED" in info or "PREEMPTED" in info, info
     ours = json.loads((run_dir / "result.json").read_text())
     theirs = json.loads((env / "swref" / "runs" / rid / "result.json").read_text())
-    assert ours["final_loss"] == theirs["final_loss"] and ours["smooth_loss"] == theirs["smooth_loss"]
+    assert (
+        ours["final_loss"] == theirs["final_loss"] and ours["smooth_loss"] == theirs["smooth_loss"]
+    )
     losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ref_losses = [json.loads(x)["loss"] for x in
-                  (env / "swref" / "runs" / rid / "metrics.jsonl").read_text().splitlines()]
+    ref_losses = [
+        json.loads(x)["loss"]
+        for x in (env / "swref" / "runs" / rid / "metrics.jsonl").read_text().splitlines()
+    ]
     assert losses == ref_losses and ref.submitted == (rid,)
     assert wandb_ids(run_dir) == {rid}
 

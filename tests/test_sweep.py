@@ -33,8 +33,16 @@ def data_root(tmp_path_factory):
 
 def cfg_for(sweep_dir, data_root, *overrides):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("sweep", overrides=["+grid=tiny", BLOCK, f"sweep_dir={sweep_dir}",
-                                           f"options.data_root={data_root}", *overrides])
+        return compose(
+            "sweep",
+            overrides=[
+                "+grid=tiny",
+                BLOCK,
+                f"sweep_dir={sweep_dir}",
+                f"options.data_root={data_root}",
+                *overrides,
+            ],
+        )
 
 
 def counts(sweep_dir):
