@@ -34,7 +34,7 @@ from launch.resources import ResourceClass, ResourceModel, resource_class
 from launch.status import attempts
 from steplaw_train.atomic import write_json as write_json_atomic
 from steplaw_train.options import RunOptions
-from steplaw_train.spec import RunSpec, SpecError
+from steplaw_train.spec import RunSpec, SpecError, validate
 
 LAUNCHERS = ("auto", "local", "slurm", "debug")
 SLURM_KEYS = {
@@ -97,14 +97,23 @@ class ArrayChunk:
 
 
 def plan_arrays(
-    specs: Sequence[RunSpec], rm: ResourceModel, max_array_size: int
+    specs: Sequence[RunSpec],
+    rm: ResourceModel,
+    max_array_size: int,
+    micro_batch_size: int | None = None,
 ) -> list[ArrayChunk]:
-    """Group by resource class, split at the cluster's MaxArraySize (indices 0..Max-1)."""
+    """Group by resource class, split at the cluster's MaxArraySize (indices 0..Max-1).
+
+    Each run is validated against its class's data-parallel size (and a fixed micro-batch size),
+    so a batch the ranks cannot split is a SpecError here, before any sbatch, not a failed job.
+    """
     if max_array_size < 2:
         raise SpecError("launcher.max_array_size", f"must be >= 2, got {max_array_size}")
     groups: dict[ResourceClass, list[str]] = {}
     for s in specs:
-        groups.setdefault(resource_class(s, rm), []).append(s.run_id)
+        rc = resource_class(s, rm)
+        validate(s, data_parallel=rc.data_parallel, micro_batch_size=micro_batch_size)
+        groups.setdefault(rc, []).append(s.run_id)
     size = max_array_size - 1
     return [
         ArrayChunk(rc, tuple(ids[i : i + size]))
@@ -185,7 +194,7 @@ def submit_slurm(
     max_array = lc.get("max_array_size") or cluster_max_array_size()
     by_id = {s.run_id: s for s in specs}
     job_ids: list[str] = []
-    chunks = plan_arrays(specs, rm, int(max_array))
+    chunks = plan_arrays(specs, rm, int(max_array), options.micro_batch_size)
     for chunk in chunks:
         ex = submitit.AutoExecutor(
             folder=sweep_dir / "logs",

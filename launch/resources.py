@@ -4,6 +4,10 @@ Compute is 6 * Na * D (Na = activated non-embedding parameters; N for dense mode
 training-FLOPs estimate. Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
 powers of two minutes so that a grid of thousands of runs falls into a handful of resource classes,
 each of which becomes one SLURM job array (a few sbatch calls, never one per run).
+
+Every GPU is one data-parallel rank, so a run never gets more GPUs than the largest power of two
+dividing its batch size (the paper's bs = 352 = 11 x 32 caps at 32 GPUs): otherwise the ranks
+could not split the global batch and the job would fail on the cluster after its queue wait.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ class ResourceClass:
     cpus_per_task: int
     timeout_min: int
 
+    @property
+    def data_parallel(self) -> int:
+        """Ranks of one run: one per GPU (one process for CPU-only jobs)."""
+        return self.nodes * max(1, self.gpus_per_node)
+
     def label(self) -> str:
         dev = (
             f"{self.nodes}x{self.gpus_per_node}gpu"
@@ -78,12 +87,17 @@ def _pow2_minutes(minutes: float, floor: int) -> int:
     return max(floor, 2 ** math.ceil(math.log2(max(minutes, 1.0))))
 
 
+def max_data_parallel(batch_size: int) -> int:
+    """The largest power of two dividing the batch size (GPU counts are powers of two)."""
+    return batch_size & -batch_size
+
+
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
     hours = device_hours(spec, rm)
     if rm.gpus_per_node == 0:
         minutes = hours / rm.cpus_per_task * 60 * rm.safety + rm.overhead_min
         return ResourceClass(1, 0, rm.cpus_per_task, _pow2_minutes(minutes, rm.min_timeout_min))
-    max_gpus = rm.max_nodes * rm.gpus_per_node
+    max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(spec.train.batch_size))
     gpus = 1
     while gpus < max_gpus and hours / gpus > rm.target_hours:
         gpus *= 2

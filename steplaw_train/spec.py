@@ -263,6 +263,12 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
             raise SpecError("data.sources", f"weight of {name!r} must be positive, got {w}")
     if d.vocab_size <= 0:
         raise SpecError("data.vocab_size", f"must be positive, got {d.vocab_size}")
+    if t.batch_size % data_parallel:
+        raise SpecError(
+            "train.batch_size",
+            f"{t.batch_size} is not a multiple of the data-parallel size {data_parallel} "
+            "(one rank per GPU)",
+        )
     if micro_batch_size is not None:
         if micro_batch_size <= 0:
             raise SpecError("options.micro_batch_size", f"must be positive, got {micro_batch_size}")

@@ -169,7 +169,11 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     )
     todo = [s for s in specs if s.run_id in set(todo_ids)]
     max_array = int(lc.get("max_array_size") or 1001)
-    calls = len(executors.plan_arrays(todo, rm, max_array)) if launcher == "slurm" else 0
+    calls = (
+        len(executors.plan_arrays(todo, rm, max_array, options.micro_batch_size))
+        if launcher == "slurm"
+        else 0
+    )
     text = table(specs, statuses, set(todo_ids), rm, launcher, calls)
     print(text, file=out)
     before = status.counts(statuses)
