@@ -72,7 +72,22 @@ def export_distributed_env() -> None:
     node's GPUs visible and picks its own with LOCAL_RANK."""
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SUBMITIT_EXECUTOR" not in os.environ:
         return
+    # sbatch copies the submitting shell's environment: a MASTER_ADDR/RANK left there (an
+    # interactive allocation, a notebook that trained) is stale here, and submitit refuses to
+    # overwrite it; the job's own values must win
+    for name in _RENDEZVOUS_VARS:
+        os.environ.pop(name, None)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+_RENDEZVOUS_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 # ---- records -----------------------------------------------------------------------------------
@@ -160,8 +175,8 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
     params: dict[str, Any] = {
         "timeout_min": rc.timeout_min,
         "nodes": rc.nodes,
-        "tasks_per_node": max(1, rc.gpus_per_node),
-        "cpus_per_task": max(1, rc.cpus_per_task // max(1, rc.gpus_per_node)),
+        "tasks_per_node": rc.tasks_per_node,
+        "cpus_per_task": max(1, rc.cpus_per_task // rc.tasks_per_node),
         "slurm_signal_delay_s": int(lc.get("signal_delay_s", 120)),
         "slurm_array_parallelism": int(lc.get("array_parallelism", 256)),
         "slurm_setup": setup,

@@ -32,7 +32,8 @@ class ResourceModel:
     safety: float = 1.5  # walltime = estimate * safety + overhead
     overhead_min: float = 10.0  # start-up, data, checkpoints
     min_timeout_min: int = 15
-    cpus_per_task: int = 1  # CPU-only jobs: threads per run
+    cpus_per_task: int = 1  # CPU-only jobs: threads per process
+    cpu_tasks: int = 1  # CPU-only jobs: data-parallel processes (gloo ranks) per run
     cpus_per_gpu: int = 8
 
 
@@ -47,29 +48,41 @@ def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
     rm = ResourceModel(**d)
     if not (0 < rm.mfu <= 1):
         raise SpecError("resources.mfu", f"must be in (0, 1], got {rm.mfu}")
+    for name in ("cpus_per_task", "cpu_tasks", "max_nodes"):
+        if int(getattr(rm, name)) < 1:
+            raise SpecError(f"resources.{name}", f"must be >= 1, got {getattr(rm, name)}")
     return rm
 
 
 @dataclass(frozen=True, order=True)
 class ResourceClass:
-    """What one job asks SLURM for; runs with equal classes share a job array."""
+    """What one job asks SLURM for; runs with equal classes share a job array.
+
+    cpus_per_task counts the CPUs of a whole node (divided among its tasks by slurm_parameters);
+    a GPU job has one task per GPU, a CPU-only job `cpu_tasks` tasks.
+    """
 
     nodes: int
     gpus_per_node: int
     cpus_per_task: int
     timeout_min: int
+    cpu_tasks: int = 1
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node or self.cpu_tasks
 
     @property
     def data_parallel(self) -> int:
-        """Ranks of one run: one per GPU (one process for CPU-only jobs)."""
-        return self.nodes * max(1, self.gpus_per_node)
+        """Ranks of one run: one per task (a GPU each, or a CPU process)."""
+        return self.nodes * self.tasks_per_node
 
     def label(self) -> str:
-        dev = (
-            f"{self.nodes}x{self.gpus_per_node}gpu"
-            if self.gpus_per_node
-            else f"{self.cpus_per_task}cpu"
-        )
+        if self.gpus_per_node:
+            dev = f"{self.nodes}x{self.gpus_per_node}gpu"
+        else:
+            tasks = f"{self.cpu_tasks}x" if self.cpu_tasks > 1 else ""
+            dev = f"{tasks}{self.cpus_per_task // self.cpu_tasks}cpu"
         return f"{dev}/{self.timeout_min}min"
 
 
@@ -95,8 +108,10 @@ def max_data_parallel(batch_size: int) -> int:
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
     hours = device_hours(spec, rm)
     if rm.gpus_per_node == 0:
-        minutes = hours / rm.cpus_per_task * 60 * rm.safety + rm.overhead_min
-        return ResourceClass(1, 0, rm.cpus_per_task, _pow2_minutes(minutes, rm.min_timeout_min))
+        cpus = rm.cpus_per_task * rm.cpu_tasks
+        minutes = hours / cpus * 60 * rm.safety + rm.overhead_min
+        timeout = _pow2_minutes(minutes, rm.min_timeout_min)
+        return ResourceClass(1, 0, cpus, timeout, rm.cpu_tasks)
     max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(spec.train.batch_size))
     gpus = 1
     while gpus < max_gpus and hours / gpus > rm.target_hours:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from steplaw_train.shield import ignore_job_signals
+
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -121,6 +123,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
     sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = asdict(state)
     sd["rng"] = _rng_state()
+    start_writer_process()
     dist_checkpointing.save(sd, str(path), content_metadata=_SHARDING)
     if dist.is_initialized():
         dist.barrier()
@@ -164,6 +167,25 @@ def remove_incomplete(run_dir: Path) -> None:
     for p in root.iterdir():
         if _STEP_DIR.match(p.name) and not (p / COMPLETE).exists():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def start_writer_process() -> None:
+    """Start the Manager megatron's torch_dist writer reports through, shielded (shield.py).
+
+    megatron starts it lazily at the first save (a spawn-context Manager's Queue, the same
+    object built here); unshielded, the job's signal killed it and the checkpoint the trainer
+    then saved failed with BrokenPipeError (CI cluster, partition preemption), so the job failed
+    instead of being requeued.
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=ignore_job_signals)
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
 def stop_writer_processes() -> None:

@@ -53,18 +53,23 @@ def init(use_cuda: bool) -> World:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if world == 1:
+        rank, local = 0, 0  # a lone process whatever a stale RANK/LOCAL_RANK says
     if not dist.is_initialized():
         if world == 1:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            # a private rendezvous; nothing in os.environ, which child processes and jobs
+            # submitted from this process would inherit (a stale MASTER_ADDR in a job's
+            # environment makes submitit refuse to set up a multi-task job)
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
+            init_method = "env://"
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method="env://",
+            init_method=init_method,
             rank=rank,
             world_size=world,
         )

@@ -8,9 +8,11 @@ runs offline unless the user configures otherwise; its run id is the run_id with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,54 +56,83 @@ class NullLogger:
 
 class Logger(NullLogger):
     """Appends one JSON line per logged step (flushed: a kill loses at most the line in flight)
-    and mirrors it to wandb."""
+    and mirrors it to wandb.
+
+    metrics.jsonl is the run's record; wandb is a mirror, so a wandb failure never ends a run:
+    the first one is reported and mirroring stops. (SLURM's SIGTERM reaches wandb's service
+    process too, and the trainer must still log and checkpoint after it.)
+    """
 
     def __init__(self, run_dir: Path, wandb_run: Any | None):
         # held open for the whole run (one append per logged step); closed by close()
         self._file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
         self._wandb = wandb_run
 
+    def _mirror(self, what: str, fn) -> None:
+        if self._wandb is None:
+            return
+        try:
+            fn(self._wandb)
+        except Exception as e:  # service gone, network, quota: wandb's own error types
+            warnings.warn(f"wandb {what} failed, mirroring stopped: {e!r}", stacklevel=3)
+            self._wandb = None
+
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            finite = {
-                k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)
-            }
-            self._wandb.log(finite, step=record["step"])
+        finite = {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
+        self._mirror("log", lambda w: w.log(finite, step=record["step"]))
 
     def summary(self, result: dict[str, Any]) -> None:
-        if self._wandb is not None:
+        def put(w) -> None:
             for k in ("status", "final_loss", "smooth_loss", "steps", "tokens", "wall_time_s"):
                 v = result.get(k)
                 if v is not None and (not isinstance(v, float) or math.isfinite(v)):
-                    self._wandb.summary[k] = v
+                    w.summary[k] = v
+
+        self._mirror("summary", put)
 
     def close(self) -> None:
         """Idempotent: the signal path closes before re-raising, the loop's finally again."""
-        self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        if not self._file.closed:
+            self._file.close()
+        self._mirror("finish", lambda w: w.finish())
+        self._wandb = None
+
+
+def stop_wandb_service() -> None:
+    """Shut wandb's service process down now (the signal path, before the job is killed):
+    otherwise wandb's exit hook finds it killed by the job's SIGTERM and prints a traceback."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown()
 
 
 def start_wandb(
     run_id: str, run_dir: Path, config: dict, project: str, group: str | None, mode: str | None
 ):
-    """One wandb run per run_id, across restarts (id=run_id, resume='allow')."""
+    """One wandb run per run_id, across restarts (id=run_id, resume='allow'); its service
+    process is started with SIGUSR1/SIGUSR2 blocked (shield.py), so the time limit's warning
+    signal does not kill it before the trainer's last records."""
     import wandb
 
-    return wandb.init(
-        id=run_id,
-        resume="allow",
-        project=project,
-        group=group,
-        name=run_id,
-        config=config,
-        dir=str(run_dir),
-        mode=mode or os.environ.get("WANDB_MODE") or "offline",
-        settings=wandb.Settings(silent=True, console="off"),
-    )
+    from steplaw_train.shield import signals_blocked
+
+    with signals_blocked():
+        return wandb.init(
+            id=run_id,
+            resume="allow",
+            project=project,
+            group=group,
+            name=run_id,
+            config=config,
+            dir=str(run_dir),
+            mode=mode or os.environ.get("WANDB_MODE") or "offline",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
 
 
 def build_logger(

@@ -149,6 +149,7 @@ class SignalFlag:
         self.restore()
         if signum is not None:
             ckpt.stop_writer_processes()
+            mx.stop_wandb_service()
             os.kill(os.getpid(), signum)
             time.sleep(5)  # a Python-level handler runs at the next bytecode; default kills us
             raise SystemExit(128 + signum)

@@ -190,3 +190,73 @@ def test_failed_run_shows_log_tail_and_is_retried_alone(array_sweep, env, capsys
     assert sorted(retry.submitted) == sorted(failing.submitted)
     assert set(wait_finished(sw, retry.submitted).values()) == {"done"}
     assert status_cli.summary(sw)[0]["done"] == 8
+
+
+def test_two_task_job_trains_data_parallel_across_slurm_tasks(env, monkeypatch):
+    """The launch path of a multi-GPU job, on CPUs: SLURM starts 2 tasks, submitit runs RunJob in
+    each, export_distributed_env points them at one rendezvous (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE from the job), and the two gloo ranks train one run like one process does."""
+    grid = "grid.blocks=[{model:[demo_dense_small],tokens:[8192],lr:[0.003],batch_size:[4]}]"
+    sw = env / "swtasks"
+    # a stale rendezvous in the submitting shell (sbatch copies it into the job) must not win
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "5")
+    res = sweep(cfg_for(sw, env / "data", grid, "resources.cpu_tasks=2"))
+    (rid,) = res.submitted
+    assert wait_finished(sw, [rid])[rid] == "done"
+    run_dir = sw / "runs" / rid
+    assert json.loads((run_dir / "spec.json").read_text())["derived"]["data_parallel"] == 2
+    assert "2x1cpu" in json.loads((run_dir / "launch.json").read_text())["attempts"][0]["resources"]
+    ref = sweep(cfg_for(env / "swtasks_ref", env / "data", grid, "launcher=debug"))
+    assert ref.submitted == (rid,)  # same spec, same run_id: one process this time
+    ours = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    theirs = [
+        json.loads(x)["loss"]
+        for x in (env / "swtasks_ref" / "runs" / rid / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(ours) == len(theirs) == 16
+    assert max(abs(a - b) / b for a, b in zip(ours, theirs, strict=True)) < 1e-4
+
+
+def test_partition_preemption_requeues_and_the_run_resumes_bitwise(env):
+    """A job of the higher-priority partition (`urgent`) needs every CPU: SLURM preempts the
+    run's job (SIGTERM, GraceTime, requeue); the run checkpoints, comes back and ends with the
+    losses of an uninterrupted run."""
+    long = "grid.blocks=[{model:[demo_dense_small],tokens:[196608],lr:[0.003],batch_size:[4]}]"
+    sw = env / "swpreempt"
+    res = sweep(cfg_for(sw, env / "data", long, "options.checkpoint_interval=8"))
+    (rid,), (job,) = res.submitted, res.job_ids
+    run_dir = sw / "runs" / rid
+    deadline = time.time() + 180
+    while not list(run_dir.glob("checkpoints/*/complete")):
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.5)
+    ncpu = os.cpu_count() or 1
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "-p", "urgent", "-n", "1", "-c", str(ncpu), "--wrap", "sleep 5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ref = sweep(cfg_for(env / "swpreempt_ref", env / "data", long, "launcher=debug"))
+    assert wait_finished(sw, [rid], timeout_s=600)[rid] == "done"
+    info = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", f"{job},{urgent}"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "REQUEUED" in info or "PREEMPTED" in info, info
+    out = (sw / "logs" / f"{job}_0_log.out").read_text()
+    err = (sw / "logs" / f"{job}_0_log.err").read_text()
+    assert out.count("Starting with JobEnvironment") == 2  # preempted once, then ran again
+    assert "preempted" in out and "Traceback" not in err, err[-3000:]
+    assert wandb_ids(run_dir) == {rid}
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_dir = env / "swpreempt_ref" / "runs" / rid
+    assert ref.submitted == (rid,)
+    assert losses == [
+        json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    ours = json.loads((run_dir / "result.json").read_text())
+    assert ours["smooth_loss"] == json.loads((ref_dir / "result.json").read_text())["smooth_loss"]
