@@ -234,7 +234,8 @@ def test_partition_preemption_requeues_and_the_run_resumes_bitwise(env):
         time.sleep(0.5)
     ncpu = os.cpu_count() or 1
     urgent = subprocess.run(
-        ["sbatch", "--parsable", "-p", "urgent", "-n", "1", "-c", str(ncpu), "--wrap", "sleep 5"],
+        ["sbatch", "--parsable", "-p", "urgent", "-n", "1", "-c", str(ncpu)]
+        + ["-o", str(env / "urgent-%j.out"), "--wrap", "sleep 5"],
         capture_output=True,
         text=True,
         check=True,
