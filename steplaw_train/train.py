@@ -127,16 +127,26 @@ class SignalFlag:
         if self.signum is None:
             self.signum = signum
 
-    def agree(self) -> None:
-        """Make every rank see a signal that reached any of them (SLURM and torchrun deliver it
-        to each process at slightly different steps; the checkpoint save is collective, so all
-        ranks must decide on the same step)."""
-        t = torch.tensor([self.signum or 0], dtype=torch.int64)
+    def agree(self, world_size: int) -> int | None:
+        """The signal this step acts on, the same on every rank.
+
+        SLURM and torchrun deliver a signal to each process at slightly different steps, and the
+        checkpoint save is collective, so ranks decide on an all-reduced snapshot of their flags.
+        A signal landing after the snapshot (even during the all-reduce itself) waits for the
+        next step's agreement: deciding on the live flag let one rank enter the save alone
+        while the others went on training (a deadlock, seen once in CI).
+        """
+        local = self.signum or 0
+        if world_size == 1:
+            return local or None
+        t = torch.tensor([local], dtype=torch.int64)
         if torch.cuda.is_available():
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        if int(t) and self.signum is None:
-            self.signum = int(t)
+        agreed = int(t)
+        if agreed and self.signum is None:
+            self.signum = agreed  # a rank the signal has not reached re-raises it too
+        return agreed or None
 
     def restore(self) -> None:
         for s, prev in self._previous.items():
@@ -424,12 +434,11 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
             if diverged:
                 status, reason = "diverged", diverged
                 break
-            if world.world_size > 1:
-                flag.agree()
-            if step % options.checkpoint_interval == 0 or flag.signum is not None:
+            signum = flag.agree(world.world_size)
+            if step % options.checkpoint_interval == 0 or signum is not None:
                 if step < total:
                     ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
-                if flag.signum is not None:
+                if signum is not None:
                     logger.close()
                     flag.reraise()
         result = _result(
