@@ -5,7 +5,7 @@ SLURM_NTASKS, SLURM_LOCALID), so the same code runs data-parallel across the GPU
 job is given (NCCL) or across CPU processes (gloo: `torchrun --standalone --nproc_per_node 2 -m
 steplaw_train.train ...`, which is how the tests exercise megatron DDP's gradient all-reduce,
 per-rank batch slices and multi-rank checkpoints without a GPU). A lone process still needs a
-group (megatron-core asks for ranks): size 1, env:// on a free local port.
+group (megatron-core asks for ranks): size 1, a private tcp:// rendezvous on a free local port.
 Only data parallelism is used: Step Law models (<= 1B) fit on one GPU.
 """
 

@@ -75,12 +75,7 @@ def world_size_from_env() -> int:
 def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel: int) -> Plan:
     """Validate spec + options; choose micro-batching and precision. Raises SpecError."""
     validate(spec, data_parallel=data_parallel, micro_batch_size=options.micro_batch_size)
-    bs = spec.train.batch_size
-    if bs % data_parallel:
-        raise SpecError(
-            "train.batch_size", f"{bs} is not a multiple of the data-parallel size {data_parallel}"
-        )
-    per_rank = bs // data_parallel
+    per_rank = spec.train.batch_size // data_parallel  # validate() checked it divides
     mbs = options.micro_batch_size or auto_micro_batch(per_rank, options.max_micro_batch)
     if options.precision not in PRECISIONS:
         raise SpecError(
