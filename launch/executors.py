@@ -34,7 +34,7 @@ from launch.resources import ResourceClass, ResourceModel, resource_class
 from launch.status import attempts
 from steplaw_train.atomic import write_json as write_json_atomic
 from steplaw_train.options import RunOptions
-from steplaw_train.spec import RunSpec, SpecError, validate
+from steplaw_train.spec import RunSpec, SpecError, check_int, check_real, validate
 
 LAUNCHERS = ("auto", "local", "slurm", "debug")
 SLURM_KEYS = {
@@ -147,6 +147,35 @@ def cluster_max_array_size(default: int = 1001) -> int:
         return default
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
     return int(m.group(1)) if m else default
+
+
+# (field, smallest allowed value): integers a launcher config may set; None/absent = default
+LAUNCHER_INTS = (
+    ("parallelism", 1),
+    ("threads_per_run", 1),
+    ("timeout_min", 1),
+    ("array_parallelism", 1),
+    ("max_array_size", 2),
+    ("signal_delay_s", 0),
+    ("max_num_timeout", 0),
+)
+
+
+def check_launcher(lc: Mapping[str, Any]) -> None:
+    """Range-check a launcher config before anything is recorded (SpecError `launcher.<field>`)."""
+    resolve_launcher(str(lc.get("name", "auto")))
+    for key, lo in LAUNCHER_INTS:
+        if lc.get(key) is not None:
+            check_int(f"launcher.{key}", lc[key], lo)
+    if lc.get("mem_gb") is not None:
+        check_real("launcher.mem_gb", lc["mem_gb"], 0, None, "()")
+    for key in ("setup",):
+        if not isinstance(lc.get(key) or [], list):
+            raise SpecError(f"launcher.{key}", f"must be a list of shell lines, got {lc[key]!r}")
+    if not isinstance(lc.get("additional") or {}, Mapping):
+        raise SpecError(
+            "launcher.additional", f"must be a mapping of sbatch options, got {lc['additional']!r}"
+        )
 
 
 def resolve_launcher(name: str) -> str:

@@ -28,7 +28,7 @@ from launch import executors, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
 from steplaw_train import config as cfgmod
 from steplaw_train import grid as gridmod
-from steplaw_train.options import RunOptions
+from steplaw_train.options import RunOptions, validate_options
 from steplaw_train.spec import RunSpec, SpecError
 
 
@@ -124,6 +124,7 @@ def table(
 
 def _options(cfg: Any, grid_name: str) -> RunOptions:
     options = cfgmod.options_from_cfg(cfg.get("options"))
+    validate_options(options)
     return replace(options, wandb_group=options.wandb_group or grid_name)
 
 
@@ -157,6 +158,7 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     options = _options(cfg, grid_name)
     rm = resource_model(cfg.get("resources"))
     lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
+    executors.check_launcher(lc)
     launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided

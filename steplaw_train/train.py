@@ -36,7 +36,7 @@ import torch
 
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import metrics as mx
-from steplaw_train.options import PRECISIONS, RunOptions
+from steplaw_train.options import RunOptions, validate_options
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
 
@@ -74,26 +74,11 @@ def world_size_from_env() -> int:
 
 def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel: int) -> Plan:
     """Validate spec + options; choose micro-batching and precision. Raises SpecError."""
+    validate_options(options)
     validate(spec, data_parallel=data_parallel, micro_batch_size=options.micro_batch_size)
     per_rank = spec.train.batch_size // data_parallel  # validate() checked it divides
     mbs = options.micro_batch_size or auto_micro_batch(per_rank, options.max_micro_batch)
-    if options.precision not in PRECISIONS:
-        raise SpecError(
-            "options.precision", f"must be one of {PRECISIONS}, got {options.precision!r}"
-        )
     bf16 = options.precision == "bf16" or (options.precision == "auto" and use_cuda)
-    if options.checkpoint_interval < 1:
-        raise SpecError(
-            "options.checkpoint_interval", f"must be >= 1, got {options.checkpoint_interval}"
-        )
-    if options.divergence_window < 1:
-        raise SpecError(
-            "options.divergence_window", f"must be >= 1, got {options.divergence_window}"
-        )
-    if not options.divergence_factor > 1:
-        raise SpecError(
-            "options.divergence_factor", f"must be > 1, got {options.divergence_factor}"
-        )
     return Plan(data_parallel, mbs, per_rank // mbs, use_cuda, bf16)
 
 
