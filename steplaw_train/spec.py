@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from steplaw_train import params
@@ -341,12 +341,20 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
 
 def from_plain(cls: type, d: dict[str, Any], prefix: str) -> Any:
     """Build a dataclass from a plain dict, naming unknown keys with the allowed ones."""
+    if not isinstance(d, dict):
+        raise SpecError(prefix, f"must be a mapping of fields, got {d!r}")
     allowed = {f.name for f in fields(cls)}
     unknown = set(d) - allowed
     if unknown:
         raise SpecError(
             f"{prefix}.{sorted(unknown)[0]}", f"unknown field; allowed: {sorted(allowed)}"
         )
+    required = [
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    ]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise SpecError(f"{prefix}.{missing[0]}", f"missing; required fields: {required}")
     return cls(**d)
 
 

@@ -45,12 +45,16 @@ class SweepResult:
     table: str
 
 
-def expand_from_cfg(cfg: Any) -> list[RunSpec]:
-    """The grid's RunSpecs (validated), or the single run the base config describes."""
+def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
+    """The grid's RunSpecs (validated), or the single run the base config describes.
+
+    `overrides` are the command line's; one a grid axis would silently replace is refused.
+    """
     g = cfg.get("grid")
     if g is None:
         raise SpecError("grid", "no grid given; use +grid=NAME (see configs/grid/)")
-    plain = OmegaConf.to_container(g, resolve=True) if isinstance(g, DictConfig) else dict(g)
+    plain = OmegaConf.to_container(g, resolve=True) if isinstance(g, DictConfig) else g
+    gridmod.check_overrides(plain, overrides)
     base_model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
     base_data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None
     base_train = OmegaConf.to_container(cfg.train, resolve=True)
@@ -151,9 +155,9 @@ def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
+def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResult:
     """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
-    specs = expand_from_cfg(cfg)
+    specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = _options(cfg, grid_name)
     rm = resource_model(cfg.get("resources"))
@@ -218,8 +222,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(cfgmod.config_dir()), config_name="sweep", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
-            result = sweep(cfg)
+            result = sweep(cfg, overrides=list(HydraConfig.get().overrides.task))
         except (SpecError, status.SchedulerUnavailable) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
