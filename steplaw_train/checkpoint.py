@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from steplaw_train.shield import ignore_job_signals
+from steplaw_train.shield import helper_initializer
 
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -182,9 +182,15 @@ def start_writer_process() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    manager = getattr(filesystem_async._results_queue, "_manager", None)
+    if manager is not None and not manager._process.is_alive():
+        # it dies with the thread that started it (PR_SET_PDEATHSIG): a run on a thread that
+        # has ended leaves a dead manager behind; start a new one
+        filesystem_async._results_queue = None
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=ignore_job_signals)
+        # deaf to the job's signals, but SIGKILLed by the kernel when the trainer dies
+        manager.start(initializer=helper_initializer, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
