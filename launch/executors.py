@@ -31,7 +31,7 @@ from typing import Any
 import submitit
 
 from launch.resources import ResourceClass, ResourceModel, resource_class
-from launch.status import attempts
+from launch.status import attempts, process_start_time
 from steplaw_train.atomic import write_json as write_json_atomic
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError, check_int, check_real, validate
@@ -272,16 +272,59 @@ def _describe(spec: RunSpec) -> str:
 
 
 def _finish(run_dir: Path, job: submitit.Job) -> str | None:
-    """Record how a local/debug job ended; return the error text or None."""
+    """Record how a local/debug job ended; return the one-line error or None.
+
+    A job that raised is "failed" with its exception line (not submitit's header). A job whose
+    process ended without a result — stopped on a signal after checkpointing, or killed — is
+    "preempted": it resumes from its checkpoints, so it is not a failure.
+    """
     err = job.exception()
     if err is None:
         record_attempt(run_dir, {"state": "done", "ended": time.time()}, update_last=True)
         return None
     text = f"{type(err).__name__}: {err}"
-    record_attempt(
-        run_dir, {"state": "failed", "error": text[-2000:], "ended": time.time()}, update_last=True
+    preempted = isinstance(err, submitit.core.utils.UncompletedJobError) and not isinstance(
+        err, submitit.core.utils.FailedJobError
     )
-    return text
+    summary = failure_summary(text, job.paths.stderr, preempted)
+    record_attempt(
+        run_dir,
+        {
+            "state": "preempted" if preempted else "failed",
+            "error": summary,
+            "trace": text[-4000:],
+            "ended": time.time(),
+        },
+        update_last=True,
+    )
+    return summary
+
+
+def failure_summary(text: str, stderr: Path | None = None, preempted: bool = False) -> str:
+    """One line saying what failed: the trainer's exception line, not submitit's header.
+
+    submitit's text is `FailedJobError: Job (task=0) failed during processing with trace:`
+    followed by the traceback; the line that says something is the traceback's last one. A
+    process that ended without a result has no traceback: the last line of its log says more.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
+    if preempted:
+        tail = _last_log_line(stderr)
+        return "ended without a result (killed or stopped on a signal; resumes from its " + (
+            f"checkpoints); log: {tail}" if tail else "checkpoints)"
+        )
+    body = [ln for ln in lines[1:] if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return (body[-1] if body else lines[0] if lines else "unknown error")[:500]
+
+
+def _last_log_line(path: Path | None) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    try:
+        lines = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def submit_local(
@@ -316,6 +359,7 @@ def submit_local(
                     "executor": "local",
                     "job_id": job.job_id,
                     "pid": int(job.job_id),
+                    "pid_start": process_start_time(int(job.job_id)),
                     "stdout": str(job.paths.stdout),
                     "stderr": str(job.paths.stderr),
                 },
@@ -331,7 +375,7 @@ def submit_local(
                 failed.append(spec.run_id)
             elapsed = time.time() - start
             eta = elapsed / n_done * (len(specs) - n_done)
-            word = f"FAILED {err.splitlines()[0][:120]}" if err else "done"
+            word = f"FAILED {err[:300]}" if err else "done"
             print(
                 f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
                 f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
@@ -360,6 +404,7 @@ def submit_debug(
                 "executor": "debug",
                 "job_id": job.job_id,
                 "pid": os.getpid(),
+                "pid_start": process_start_time(os.getpid()),
                 "stdout": str(job.paths.stdout),
                 "stderr": str(job.paths.stderr),
             },

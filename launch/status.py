@@ -10,7 +10,6 @@ launch/executors.py; this module only reads them and asks SLURM (`sacct`, `squeu
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -111,16 +110,25 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
     return states
 
 
-def _pid_alive(pid: int | None) -> bool:
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None if it does not exist."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Is the recorded process still the one running? A PID the OS has since given to another
+    process has another start time: that run is dead, not running."""
     if not pid:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    now_started = process_start_time(int(pid))
+    if now_started is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    return started is None or abs(now_started - float(started)) < 1.0
 
 
 # ---- one run -----------------------------------------------------------------------------------
@@ -147,7 +155,7 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
         return RunStatus(rid, state, len(tries), job, s, log)
     ended = last.get("state")
     if ended is None:  # local/debug attempt with no recorded end: alive or killed
-        alive = _pid_alive(last.get("pid"))
+        alive = _pid_alive(last.get("pid"), last.get("pid_start"))
         return RunStatus(rid, "running" if alive else "preempted", len(tries), job, "", log)
     return RunStatus(
         rid,

@@ -4,8 +4,8 @@ Expand the grid, validate every spec before anything runs, skip what is finished
 print a dry-run table, record the sweep (resolved config, manifest, runs/<run_id>/spec.json) and
 hand the rest to launch/. `main` is a thin Hydra shell over `sweep(cfg)`, which tests call with a
 composed config. Which runs go out:
-  pending                       always
-  failed / preempted            while the run has had <= max_retries attempts
+  pending / preempted           always (a preempted run resumes; it is not a failure)
+  failed                        while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
 With `search=guided` the grid's points go out a few at a time instead (steplaw_train/guided.py).
@@ -63,11 +63,15 @@ def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
 
 
 def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:
-    """run_ids to submit now (see the module docstring)."""
+    """run_ids to submit now (see the module docstring).
+
+    Preempted runs always go out again: they resume from their checkpoints, and being preempted
+    is not a failure, so it does not count against max_retries.
+    """
     out = []
     for s in statuses:
-        again = s.state in ("failed", "preempted") and s.attempts <= max_retries
-        if s.state == "pending" or again or (retry_failed and s.state == "failed"):
+        again = s.state == "failed" and (s.attempts <= max_retries or retry_failed)
+        if s.state in ("pending", "preempted") or again:
             out.append(s.run_id)
     return out
 

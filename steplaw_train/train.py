@@ -341,10 +341,7 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
     if world.is_main:
         mx.write_json_atomic(run_dir / "spec.json", {"spec": spec.to_dict(), "derived": derived})
 
-    state = ckpt.TrainState()
-    resume_step = ckpt.latest_step(run_dir)
-    if resume_step is not None:
-        state = ckpt.load(run_dir, resume_step, model, optimizer, scheduler)
+    state = ckpt.load_latest(run_dir, model, optimizer, scheduler)  # falls back if unloadable
     if world.is_main:
         mx.truncate_metrics(run_dir / "metrics.jsonl", state.step)
     dataset = build_dataset(spec, options)
@@ -539,6 +536,9 @@ def main() -> None:
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except ckpt.CheckpointSaveError as e:
+            print(f"error: {e}", file=sys.stderr)  # names the path and errno (ENOSPC...)
+            sys.exit(1)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result, indent=2))
 
