@@ -146,6 +146,17 @@ def _write_marker(marker: Path, step: int) -> None:
         os.fsync(f.fileno())
 
 
+# what a checkpoint failure must never swallow: the user's ^C, an exit, a generator closing
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost line that says what went wrong (torch wraps rank errors in tracebacks)."""
+    lines = [ln.strip() for ln in (str(e) or repr(e)).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return f"{type(e).__name__}: {said[-1] if said else ''}"[:400]
+
+
 class CheckpointSaveError(OSError):
     """A save failed; errno and filename say why and where (ENOSPC: the disk is full)."""
 
@@ -161,9 +172,9 @@ def save_errors_named(path: Path):
     """
     try:
         yield
-    except CheckpointSaveError:
+    except (CheckpointSaveError, *_NOT_OURS):
         raise
-    except Exception as e:
+    except BaseException as e:  # torch's CheckpointException is a BaseException
         err = _errno_of(e) or _probe_errno(path)
         shutil.rmtree(path, ignore_errors=True)
         code = errno.errorcode.get(err, "unknown errno") if err else "no errno"
@@ -171,8 +182,7 @@ def save_errors_named(path: Path):
         raise CheckpointSaveError(
             err or 0,
             f"checkpoint save failed: {why} ({code}); the run stopped, older complete "
-            f"checkpoints are kept and a rerun resumes from them (error: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})",
+            f"checkpoints are kept and a rerun resumes from them (error: {_one_line(e)})",
             str(path),
         ) from e
 
@@ -206,8 +216,10 @@ def _probe_errno(path: Path, size: int = 1 << 20) -> int | None:
 UNLOADABLE = ".unloadable"
 
 
-def load_latest(run_dir: Path, model, optimizer, scheduler, warn=None) -> TrainState:
-    """Load the newest complete checkpoint that loads; a fresh TrainState if none does.
+def load_latest(run_dir: Path, model, optimizer, scheduler, warn=None) -> TrainState | None:
+    """Load the newest complete checkpoint that loads; TrainState() if there is none; None if
+    there were some but none loaded (the failed attempts may have touched the live objects, so
+    the caller rebuilds them before starting over).
 
     A checkpoint that fails to load (corrupt bytes, torn metadata, a file lost on a shared
     filesystem) is renamed `step_N.unloadable` — kept for inspection, out of the resume and
@@ -218,18 +230,24 @@ def load_latest(run_dir: Path, model, optimizer, scheduler, warn=None) -> TrainS
     which gives the same run again.
     """
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for step in reversed(complete_steps(run_dir)):
+    steps = complete_steps(run_dir)
+    if not steps:
+        return TrainState()
+    for step in reversed(steps):
         try:
             state, error = load(run_dir, step, model, optimizer, scheduler), None
-        except Exception as e:
-            state, error = None, f"{type(e).__name__}: {(str(e) or repr(e)).splitlines()[0]}"
+        except _NOT_OURS:
+            raise
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            state, error = None, _one_line(e)
         if _all_ranks_ok(error is None):
             return state  # type: ignore[return-value]
         path = step_dir(run_dir, step)
         error = error or "another rank failed to load it"
         aside = _set_aside(path) if _is_rank0() else path.with_name(path.name + UNLOADABLE)
         warn(f"warning: checkpoint {path} failed to load ({error}); skipped, moved to {aside}")
-    return TrainState()
+    warn(f"warning: no checkpoint of {run_dir} loads; the run starts over from step 0")
+    return None
 
 
 def _is_rank0() -> bool:

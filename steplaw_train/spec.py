@@ -224,7 +224,7 @@ def is_int(value: Any) -> bool:
 
 def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     """value must be an integer in [lo, hi) (hi None: unbounded)."""
-    allowed = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+    allowed = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
     if not is_int(value) or value < lo or (hi is not None and value >= hi):
         raise SpecError(name, f"must be an integer {allowed}, got {value!r}")
 

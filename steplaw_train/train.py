@@ -82,6 +82,41 @@ def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel:
     return Plan(data_parallel, mbs, per_rank // mbs, use_cuda, bf16)
 
 
+# fp32 weights + fp32 gradients + Adam's two moments: a lower bound on a rank's training memory
+# (bf16 adds main params; activations come on top), enough to refuse a shape that cannot fit
+BYTES_PER_PARAMETER = 16
+
+
+def device_memory_bytes(use_cuda: bool) -> int:
+    """Memory of one rank's device: the GPU's, or this machine's RAM on CPU."""
+    if use_cuda:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def check_memory(spec: RunSpec, use_cuda: bool, available: int | None = None) -> None:
+    """SpecError on `model` if weights, gradients and optimizer state alone exceed the device.
+
+    Checked before megatron allocates anything: a typo such as hidden=65536 would otherwise
+    allocate (and on CPU swap) for minutes before an out-of-memory error.
+    """
+    from steplaw_train import params
+
+    total = spec.N + params.embedding_params(spec.data.vocab_size, spec.model.hidden)
+    need = total * BYTES_PER_PARAMETER
+    have = device_memory_bytes(use_cuda) if available is None else available
+    if need > have:
+        m = spec.model
+        raise SpecError(
+            "model",
+            f"{total:.3g} parameters (hidden={m.hidden}, ffn_hidden={m.ffn_hidden}, "
+            f"layers={m.layers}) need at least {need / 2**30:.1f} GiB for weights, gradients "
+            f"and Adam state; this {'GPU' if use_cuda else 'machine'} has {have / 2**30:.1f} GiB",
+        )
+
+
 def check_data(spec: RunSpec, options: RunOptions) -> None:
     """Missing dataset files are a SpecError on data.sources (data.py knows the layout)."""
     from steplaw_train.data import check_data as check
@@ -299,6 +334,7 @@ def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -
         return done
     use_cuda = torch.cuda.is_available()
     plan = make_plan(spec, options, use_cuda, world_size_from_env())
+    check_memory(spec, use_cuda)
     check_data(spec, options)
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
@@ -342,6 +378,10 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
         mx.write_json_atomic(run_dir / "spec.json", {"spec": spec.to_dict(), "derived": derived})
 
     state = ckpt.load_latest(run_dir, model, optimizer, scheduler)  # falls back if unloadable
+    if state is None:  # none loaded, but the attempts touched the objects: start clean
+        distributed.set_seed(spec.train.seed, plan.use_cuda)
+        model, optimizer, scheduler = build_components(spec, plan)
+        state = ckpt.TrainState()
     if world.is_main:
         mx.truncate_metrics(run_dir / "metrics.jsonl", state.step)
     dataset = build_dataset(spec, options)
