@@ -307,14 +307,16 @@ def failure_summary(text: str, stderr: Path | None = None, preempted: bool = Fal
     followed by the traceback; the line that says something is the traceback's last one. A
     process that ended without a result has no traceback: the last line of its log says more.
     """
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) != {"-"}]
+    parts = re.split(r"^-{10,}$", text, flags=re.M)  # header / trace / "check full logs at"
+    trace = parts[1] if len(parts) >= 3 else text
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
     if preempted:
         tail = _last_log_line(stderr)
         return "ended without a result (killed or stopped on a signal; resumes from its " + (
             f"checkpoints); log: {tail}" if tail else "checkpoints)"
         )
-    body = [ln for ln in lines[1:] if not ln.startswith(("Traceback", "File ", "^", "~"))]
-    return (body[-1] if body else lines[0] if lines else "unknown error")[:500]
+    body = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return (body[-1] if body else text.strip().splitlines()[0] if text.strip() else "unknown")[:500]
 
 
 def _last_log_line(path: Path | None) -> str:
