@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from steplaw_train.shield import STOPPED_ON_SIGNAL
+
 STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
 SLURM_ACTIVE = {
     "PENDING": "queued",
@@ -151,8 +153,8 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
             return RunStatus(rid, "queued", len(tries), job, "not yet visible to sacct/squeue")
         if s in SLURM_ACTIVE:
             return RunStatus(rid, SLURM_ACTIVE[s], len(tries), job, s)
-        state = "preempted" if s in SLURM_RESUMABLE else "failed"
-        return RunStatus(rid, state, len(tries), job, s, log)
+        resumable = s in SLURM_RESUMABLE or stopped_on_signal(log)
+        return RunStatus(rid, "preempted" if resumable else "failed", len(tries), job, s, log)
     ended = last.get("state")
     if ended is None:  # local/debug attempt with no recorded end: alive or killed
         alive = _pid_alive(last.get("pid"), last.get("pid_start"))
@@ -173,6 +175,11 @@ def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
     jobs = [a["job_id"] for d in dirs for a in attempts(d)[-1:] if a.get("executor") == "slurm"]
     slurm = slurm_states(jobs)
     return [run_state(d, slurm) for d in dirs]
+
+
+def stopped_on_signal(log: Path | None) -> bool:
+    """Did the job's trainer checkpoint on a signal and stop (its log's last lines say so)?"""
+    return STOPPED_ON_SIGNAL in log_tail(log, 20)
 
 
 def counts(statuses: Iterable[RunStatus]) -> dict[str, int]:

@@ -25,6 +25,10 @@ import sys
 from collections.abc import Iterator
 
 SHIELDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# The trainer's last stderr line when it checkpointed on a signal and stops: launch/status.py
+# reads it so a job that then exits non-zero (SLURM "FAILED" after `scancel --signal=TERM`) is
+# recorded as preempted (resumable), not failed.
+STOPPED_ON_SIGNAL = "steplaw: checkpointed and stopped on signal"
 
 
 @contextlib.contextmanager

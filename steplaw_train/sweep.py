@@ -159,8 +159,21 @@ def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+def check_sweep_fields(cfg: Any) -> None:
+    """The sweep's own top-level fields, before anything is read or written."""
+    from steplaw_train.spec import check_int
+
+    check_int("max_retries", cfg.get("max_retries", 1), 0)
+    for key in ("dry_run", "retry_failed"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
+    if not str(cfg.get("sweep_dir") or "").strip():
+        raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
+
+
 def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResult:
     """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
+    check_sweep_fields(cfg)
     specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = _options(cfg, grid_name)

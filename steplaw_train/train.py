@@ -37,6 +37,7 @@ import torch
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import metrics as mx
 from steplaw_train.options import RunOptions, validate_options
+from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
 
@@ -173,6 +174,12 @@ class SignalFlag:
         signum = self.signum
         self.restore()
         if signum is not None:
+            print(
+                f"{STOPPED_ON_SIGNAL} {signal.Signals(signum).name}; the run resumes from its "
+                "checkpoints",
+                file=sys.stderr,
+                flush=True,
+            )
             ckpt.stop_writer_processes()
             mx.stop_wandb_service()
             os.kill(os.getpid(), signum)

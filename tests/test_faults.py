@@ -32,6 +32,7 @@ from steplaw_train import grid as g
 from steplaw_train.config import config_dir
 from steplaw_train.metrics import read_metrics
 from steplaw_train.options import validate_options
+from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.spec import ModelSpec, SpecError, validate
 from steplaw_train.sweep import expand_from_cfg, select
 from steplaw_train.train import check_memory, run
@@ -239,6 +240,26 @@ def test_override_of_a_grid_axis_is_refused_naming_the_axis(override, axis):
     assert expand_from_cfg(_sweep_cfg("+grid=tiny", "train.seq_len=64"), ["train.seq_len=64"])
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("max_retries=-1", "max_retries"),
+        ("dry_run=maybe", "dry_run"),
+        ("resources.peak_tflops=0", "resources.peak_tflops"),
+        ("launcher.parallelism=0", "launcher.parallelism"),
+        ("options.keep_checkpoints=0", "options.keep_checkpoints"),
+        ("options.data_root=/etc/hostname/x", "options.data_root"),
+    ],
+)
+def test_sweep_refuses_bad_fields_before_writing(tmp_path, override, field):
+    from steplaw_train.sweep import sweep
+
+    cfg = _sweep_cfg("+grid=tiny", "launcher=local", f"sweep_dir={tmp_path / 'sw'}", override)
+    with pytest.raises(SpecError, match=rf"^{field}: "):
+        sweep(cfg)
+    assert not (tmp_path / "sw").exists()
+
+
 def test_entry_points_print_one_line_and_exit_2(tmp_path):
     run_dir = tmp_path / "run"
     _one_line_error(
@@ -375,6 +396,23 @@ def test_a_reused_pid_does_not_mark_a_dead_run_running(tmp_path):
     assert run_state(run_dir, {}).state == "running"
     executors.record_attempt(run_dir, {**attempt, "pid_start": me.create_time() - 3600})
     assert run_state(run_dir, {}).state == "preempted"  # same PID, another process: dead run
+
+
+def test_a_slurm_job_failed_after_a_handled_signal_is_preempted(tmp_path):
+    """`scancel --signal=TERM`: the trainer checkpoints, stops, and SLURM says FAILED."""
+    log = tmp_path / "1_0_log.err"
+    for i, (tail, state) in enumerate(
+        [
+            (f"{STOPPED_ON_SIGNAL} SIGTERM; the run resumes", "preempted"),
+            ("ValueError: x", "failed"),
+        ]
+    ):
+        log.write_text(f"step logs\n{tail}\nsubmitit WARNING Bypassing signal SIGTERM\n")
+        run_dir = tmp_path / "runs" / f"r{i}"
+        executors.record_attempt(
+            run_dir, {"executor": "slurm", "job_id": f"1_{i}", "stderr": str(log)}
+        )
+        assert run_state(run_dir, {f"1_{i}": "FAILED"}).state == state
 
 
 def test_preempted_runs_are_always_resubmitted():
