@@ -85,6 +85,9 @@ def fit_problem(cells: list[cells_mod.Cell], n_col: str) -> str | None:
     return None
 
 
+IDENTIFY_STEPS = 0.5  # an input must span at least this many grid steps (ln) to carry an exponent
+
+
 def _median_log_step(values: list[np.ndarray]) -> float:
     steps = [np.median(np.diff(np.log(np.unique(v)))) for v in values if np.unique(v).size > 1]
     return float(np.median(steps)) if steps else math.nan
@@ -94,18 +97,19 @@ def not_identifiable(cells: list[cells_mod.Cell], n_col: str) -> str | None:
     """Why a fitted exponent cannot mean anything on these cells (None if every one can).
 
     An input with exponent a moves the optimum by a × (its ln-range across cells). When that
-    range is below the grid's own ln step, an exponent of order one moves the optimum by less
-    than one grid point, so the cells cannot tell exponents apart: the fit returns whatever
+    range is below half the grid's ln step, an exponent of order one moves the optimum by less
+    than half a grid point, so the cells cannot tell exponents apart: the fit returns whatever
     the noise implies (the MoE release's total N spans 0.26%: lr ∝ N^21.2, 95% CI [-50, 91]).
     """
     lr_step = _median_log_step([c.points["lr"].to_numpy(float) for c in cells])
     bs_step = _median_log_step([c.points["bs_tokens"].to_numpy(float) for c in cells])
     for name, col, step in ((n_col, "N", lr_step), ("D", "D", np.nanmax([lr_step, bs_step]))):
         spread = float(np.ptp(np.log([c.inputs(n_col)[col] for c in cells])))
-        if np.isfinite(step) and spread < step:
+        if np.isfinite(step) and spread < IDENTIFY_STEPS * step:
             return (
                 f"{name} spans only {math.expm1(spread):.2%} across cells (ln range "
-                f"{spread:.3g} < the grid's ln step {step:.3g}): its exponent is not identifiable"
+                f"{spread:.3g} < {IDENTIFY_STEPS:g} × the grid's ln step {step:.3g}): its "
+                "exponent is not identifiable"
             )
     return None
 
