@@ -173,7 +173,9 @@ def _cmap():
 
 def _mark_laws(ax: Axes, predictions: pd.DataFrame, ex: np.ndarray, ey: np.ndarray) -> None:
     """Each law's (lr, bs): in the grid as a marker; outside it clamped to the edge, with an
-    arrow pointing off the grid and the off-grid value(s) written beside it."""
+    arrow pointing off the grid and the off-grid value(s) written at its end. Laws clamped to
+    the same spot share one arrow (their values stacked, each once)."""
+    arrows: dict[tuple, list[str]] = {}
     for k, r in enumerate(predictions.itertuples()):
         if not (np.isfinite(r.lr) and np.isfinite(r.bs_tokens)):
             continue
@@ -185,18 +187,24 @@ def _mark_laws(ax: Axes, predictions: pd.DataFrame, ex: np.ndarray, ey: np.ndarr
         if y != r.bs_tokens:
             off.append(f"bs {_tokens(r.bs_tokens)}")
         label = r.law + (" (off grid)" if off else "")
-        (line,) = ax.plot(x, y, MARKERS[k % len(MARKERS)], ms=8, mec="black", alpha=0.9,
-                          label=label, clip_on=False, zorder=5)  # fmt: skip
-        if off:  # an arrow from the edge marker outward, ending at the off-grid value
+        ax.plot(x, y, MARKERS[k % len(MARKERS)], ms=8, mec="black", alpha=0.9, label=label,
+                clip_on=False, zorder=5)  # fmt: skip
+        if off:
             dx = np.sign(np.log(r.lr / x)) if x != r.lr else 0.0
             dy = np.sign(np.log(r.bs_tokens / y)) if y != r.bs_tokens else 0.0
-            ax.annotate(
-                " ".join(off), xy=(x, y), xytext=(26 * dx, 16 * dy), textcoords="offset points",
-                fontsize=6.5, fontweight="bold", ha="left" if dx > 0 else "right" if dx < 0
-                else "center", va="bottom" if dy > 0 else "top" if dy < 0 else "center",
-                arrowprops={"arrowstyle": "<|-", "color": "black", "lw": 1.2},
-                annotation_clip=False, zorder=6,
-            )  # fmt: skip
+            spot = (round(np.log(x), 1), round(np.log(y), 1), dx, dy)
+            arrows.setdefault(spot, [x, y])
+            text = " ".join(off)
+            if text not in arrows[spot][2:]:
+                arrows[spot].append(text)
+    for (_, _, dx, dy), (x, y, *texts) in arrows.items():
+        ax.annotate(
+            "\n".join(texts), xy=(x, y), xytext=(26 * dx, 16 * dy), textcoords="offset points",
+            fontsize=6.5, fontweight="bold", ha="left" if dx > 0 else "right" if dx < 0
+            else "center", va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+            arrowprops={"arrowstyle": "<|-", "color": "black", "lw": 1.2},
+            annotation_clip=False, zorder=6,
+        )  # fmt: skip
 
 
 def _edge(grid: np.ndarray, v: float) -> str | None:
