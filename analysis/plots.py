@@ -148,13 +148,13 @@ def loss_map(ax: Axes, cell: Cell, threshold: float = 0.0025, n_col: str = "N") 
 
 def valley(ax, cell: Cell) -> object:
     """The paper's 3-D view: smoothed loss over (log10 lr, log10 bs_tokens); `ax` must be a 3-D
-    axes (fig.add_subplot(projection="3d")). Diverged and missing points are left out."""
-    p = cell.points[np.isfinite(cell.points["loss"])]
-    x, y, z = np.log10(p["lr"]), np.log10(p["bs_tokens"]), p["loss"].to_numpy(float)
-    keep = z <= cell.min_loss * (1 + GAP_CAP / 1000)  # the valley, not the cliffs
-    if keep.sum() >= 3 and np.ptp(x[keep]) > 0 and np.ptp(y[keep]) > 0:
-        ax.plot_trisurf(x[keep], y[keep], z[keep], cmap=_cmap(), alpha=0.85, linewidth=0.2)
-    ax.scatter(x, y, z, s=6, color="black")
+    axes (fig.add_subplot(projection="3d")). Diverged, missing and > 50‰ points are left out."""
+    lrs, bss, loss = _grid(cell, "loss")
+    cap = cell.min_loss * (1 + GAP_CAP / 1000)  # the valley, not the cliffs
+    z = np.where(np.isfinite(loss) & (loss <= cap), loss, np.nan)
+    gx, gy = np.meshgrid(np.log10(lrs), np.log10(bss))
+    ax.plot_surface(gx, gy, z, cmap=_cmap(), vmin=cell.min_loss, vmax=cap, alpha=0.85,
+                    edgecolor="black", linewidth=0.2)  # fmt: skip
     b = cell.best
     ax.scatter([np.log10(b["lr"])], [np.log10(b["bs_tokens"])], [cell.min_loss], marker="*",
                s=120, color="red")  # fmt: skip
