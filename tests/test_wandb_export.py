@@ -130,6 +130,27 @@ def test_killed_and_resumed_twice_offline_exports_as_one_run(tmp_path: Path, dat
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.timeout(300)
+def test_sigterm_marks_the_live_run_preempting(tmp_path: Path, data_root):
+    """SLURM's signal: the run checkpoints, tells wandb it is being preempted and exits 128+15;
+    the exporter still reads the interrupted run as unfinished (marked preempting too)."""
+    run_dir = tmp_path / "run"
+    proc = _child(run_dir, data_root)
+    end = time.monotonic() + 120
+    while ckpt.latest_step(run_dir) is None:
+        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    (live,) = (run_dir / "wandb").glob("offline-run-*")
+    recs = _records(live)
+    assert any(r["type"] == "preempting" for r in recs)
+    assert [r["exit"]["exit_code"] for r in recs if r["type"] == "exit"] == [128 + signal.SIGTERM]
+    (e,) = wx.export(run_dir, tmp_path / "out")
+    assert e.status == "unfinished"
+    assert any(r["type"] == "preempting" for r in _records(e.folder))
+
+
 def test_a_failed_run_is_marked_failed(tmp_path: Path):
     """A run whose launcher recorded a failure (no result.json) exports with exit code 1."""
     run_dir = tmp_path / "runs" / "deadbeef0001"
