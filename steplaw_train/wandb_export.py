@@ -13,6 +13,9 @@ single offline run folder (then `wandb sync`) or straight to a server (`--mode o
 
 Idempotent: an offline export records a fingerprint of the files it read; exporting again
 skips runs whose files have not changed and replaces (never duplicates) those that have.
+Online, the run is opened with id=run_id and resume="allow", so it is the same wandb run as the
+live one; wandb keeps the steps it already has and takes the rest (to rebuild a damaged online
+run from scratch, delete it in the UI first, or export offline and sync).
 Live logging and the exporter name, group, tag and plot runs the same way (`identity`,
 `define_axes`, `put_summary` below), so either path gives the same dashboard.
 
