@@ -197,13 +197,14 @@ def fingerprint(run_dir: Path) -> str:
 
 def find_run_dirs(path: Path) -> list[Path]:
     """`path` itself if it is a run dir, else every run dir below it (sweep/runs/<id>/)."""
-    if (path / "spec.json").is_file():
-        return [path]
-    return sorted(
-        p.parent
-        for p in path.rglob("spec.json")
-        if "checkpoints" not in p.parts and EXPORT_DIR not in p.parts
-    )
+    found = []
+    for root, dirs, files in os.walk(path):
+        if "spec.json" in files:
+            found.append(Path(root))
+            dirs.clear()  # a run dir's checkpoints/ and wandb/ hold no other runs
+        else:
+            dirs[:] = [d for d in dirs if d not in (EXPORT_DIR, "wandb", "logs")]
+    return sorted(found)
 
 
 def sweep_group(run_dir: Path) -> str | None:
