@@ -101,9 +101,14 @@ class PowerLaw:
         terms = " · ".join(
             f"{f}^{e:.4g}" for f, e in zip(self.features, self.coef[1:], strict=True)
         )
-        return f"{self.target} = {np.exp(self.coef[0]):.4g} · {terms}"
+        with np.errstate(over="ignore"):  # an unidentifiable fit's constant can overflow: inf
+            return f"{self.target} = {np.exp(self.coef[0]):.4g} · {terms}"
 
     def to_dict(self) -> dict[str, object]:
+        with np.errstate(over="ignore"):
+            return self._to_dict()
+
+    def _to_dict(self) -> dict[str, object]:
         ci = self.coef_intervals()
         return {
             "target": self.target,
