@@ -172,9 +172,10 @@ def _cmap():
 
 
 def _mark_laws(ax: Axes, predictions: pd.DataFrame, ex: np.ndarray, ey: np.ndarray) -> None:
-    """Each law's (lr, bs): in the grid as a marker; outside it clamped to the edge, with an
-    arrow pointing off the grid and the off-grid value(s) written at its end. Laws clamped to
-    the same spot share one arrow (their values stacked, each once)."""
+    """Each law's (lr, bs): in the grid as a marker (later laws smaller, so coincident ones stay
+    visible as rings); outside it clamped to the edge, with an arrow pointing off the grid and
+    the off-grid value(s) written at its end. Laws clamped to the same spot share one arrow
+    (their values stacked, each once)."""
     arrows: dict[tuple, list[str]] = {}
     for k, r in enumerate(predictions.itertuples()):
         if not (np.isfinite(r.lr) and np.isfinite(r.bs_tokens)):
@@ -187,8 +188,8 @@ def _mark_laws(ax: Axes, predictions: pd.DataFrame, ex: np.ndarray, ey: np.ndarr
         if y != r.bs_tokens:
             off.append(f"bs {_tokens(r.bs_tokens)}")
         label = r.law + (" (off grid)" if off else "")
-        ax.plot(x, y, MARKERS[k % len(MARKERS)], ms=8, mec="black", alpha=0.9, label=label,
-                clip_on=False, zorder=5)  # fmt: skip
+        ax.plot(x, y, MARKERS[k % len(MARKERS)], ms=max(5.0, 11 - 0.7 * k), mec="black",
+                alpha=0.9, label=label, clip_on=False, zorder=5)  # fmt: skip
         if off:
             dx = np.sign(np.log(r.lr / x)) if x != r.lr else 0.0
             dy = np.sign(np.log(r.bs_tokens / y)) if y != r.bs_tokens else 0.0
