@@ -519,15 +519,21 @@ def test_arch_torn_last_metrics_line_does_not_block_resume(interrupted, data_roo
 @ARCH
 def test_arch_a_run_dir_refuses_another_spec(interrupted, data_root):
     before = (interrupted / "spec.json").read_bytes()
-    with pytest.raises(SpecError, match=tiny_spec(**SPEC).run_id):
-        run(tiny_spec(**SPEC, lr=1e-3), interrupted, _opts(data_root))
+    other = tiny_spec(**{**SPEC, "lr": 1e-3})
+    with pytest.raises(Exception) as e:  # whichever error type rundir.py chooses
+        run(other, interrupted, _opts(data_root))
+    assert tiny_spec(**SPEC).run_id in str(e.value) and other.run_id in str(e.value)
     assert (interrupted / "spec.json").read_bytes() == before
 
 
 @ARCH
 def test_arch_status_reads_a_torn_submissions_line(tmp_path):
-    from steplaw_train import status as status_cli
+    import importlib
 
+    try:  # the status CLI may move into the steplaw_train.sweep subpackage (issue 10)
+        status_cli = importlib.import_module("steplaw_train.sweep.status")
+    except ImportError:
+        status_cli = importlib.import_module("steplaw_train.status")
     sw = tmp_path / "sw"
     (sw / "runs" / "r1").mkdir(parents=True)
     (sw / "manifest.json").write_text(json.dumps({"grid": "x", "run_ids": ["r1"]}))
