@@ -17,6 +17,7 @@ import pytest
 from analysis import collect, synthetic
 from analysis.replay import (
     BASELINES,
+    baseline,
     centre_point,
     hill_climb,
     main,
@@ -260,3 +261,27 @@ def test_each_released_cell_alone_without_prior_reaches_its_plateau(dense):
         gaps.append(reports[0].gap_permille)
     assert max(gaps) <= 2.0
     assert all(gap < 10.0 for gap in gaps)
+
+
+@needs_data
+def test_guided_dominates_the_hill_climbs_on_the_released_table(dense):
+    """No worse mean gap than either 4-neighbour hill-climb at no more GPU-hours (docs/search.md)."""
+    grids = build_grid(dense)
+    _, guided, _ = replay_grids(grids, SearchConfig())
+    for name in ("hill_climb_law", "hill_climb_centre"):
+        _, hc = baseline(grids, name)
+        assert guided["gpu_hours_fraction"] <= hc["gpu_hours_fraction"], name
+        assert guided["mean_gap_permille"] <= hc["mean_gap_permille"], name
+
+
+def test_p_found_is_not_overconfident_on_a_synthetic_moe_release(tmp_path):
+    """The stated per-cell P(found) must not exceed the share of cells that ended within the
+    plateau by more than 0.1 (averaged over 3 draws of 16 cells: its own calibration)."""
+    stated, found = [], []
+    for seed in (11, 12, 13):
+        path = _moe_csv(tmp_path, seed=seed, follows="Na", bowls=synthetic.BOWLS, noise=3e-4)
+        reports, _, _ = replay_grids(build_grid(read_table(str(path))), SearchConfig())
+        stated += [r.p_found for r in reports]
+        found += [r.gap_permille <= 0.3 for r in reports]
+    assert len(stated) == 48 and all(0 <= p <= 1 for p in stated)
+    assert np.mean(stated) <= np.mean(found) + 0.1
