@@ -285,11 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports, tot = results["guided"]
     cost_source = run_costs(collect.used(df))[1]
     if args.json:
-        doc = {**tot, "prior": args.prior, "data": str(args.data), "cost": cost_source,
+        doc = {**_plain(tot), "prior": args.prior, "data": str(args.data), "cost": cost_source,
                "cells": [_row(r) for r in reports],
-               "baselines": {name: {**t, "cells": [_row(r) for r in reps]}
+               "baselines": {name: {**_plain(t), "cells": [_row(r) for r in reps]}
                              for name, (reps, t) in results.items()}}  # fmt: skip
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(doc, indent=1, allow_nan=False))
     else:
         print(format_table(reports, tot))
         print(f"\nGPU-hours from {cost_source}; baselines on the same cells:")
@@ -299,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _row(r: CellReport) -> dict:
     return {f.name: _jsonable(getattr(r, f.name)) for f in fields(r)}
+
+
+def _plain(d: dict) -> dict:
+    return {k: _jsonable(v) for k, v in d.items()}
 
 
 def _jsonable(v):

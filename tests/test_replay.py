@@ -285,3 +285,20 @@ def test_p_found_is_not_overconfident_on_a_synthetic_moe_release(tmp_path):
         found += [r.gap_permille <= 0.3 for r in reports]
     assert len(stated) == 48 and all(0 <= p <= 1 for p in stated)
     assert np.mean(stated) <= np.mean(found) + 0.1
+
+
+def test_cli_handles_diverged_runs_and_a_single_point_cell(tmp_path, capsys):
+    """Diverged runs (inf) at every cell's highest lr and a cell with one point: the search and
+    the baselines still finish, and --json stays strict JSON (inf written as a string)."""
+    df = synthetic.moe_release(5, follows="N", bowls=synthetic.BOWLS)
+    hi = df.groupby(["moe_name", "D"])["lr"].transform("max")
+    df.loc[df.lr == hi, "smooth loss"] = np.inf
+    one = (df.moe_name == "e8k3") & (df.D == 2e9)
+    df = df[~one | df.index.isin(df[one].index[:1])]
+    path = tmp_path / "edge.csv"
+    df.to_csv(path, index=False)
+    assert main(["--data", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert len(doc["cells"]) == 16 and min(c["runs"] for c in doc["cells"]) == 1
+    assert all(math.isfinite(c["loss"]) for c in doc["cells"])  # never chooses a diverged run
+    assert doc["baselines"]["steplaw"]["max_gap_permille"] == "inf"  # the law's point diverged

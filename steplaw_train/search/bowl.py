@@ -147,11 +147,19 @@ def improvement_odds(
         mu, sd = post.differences(z[cand], zb)
         p_each += w * norm.cdf((-margin - mu) / sd)
         f = features(z[cand] - post.origin) - features(zb[None, :] - post.origin)
-        lower = np.linalg.cholesky(post.cov + 1e-15 * np.eye(6))
-        theta = post.mean + std @ lower.T
+        theta = post.mean + std @ _sqrt_psd(post.cov).T
         d = theta @ f.T  # (samples, candidates)
         p_any += w * float(np.mean(np.any(d < -margin, axis=1)))
     return p_each, max(p_any, float(p_each.max()))
+
+
+def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
+    """A square root of a covariance that rounding may have left slightly indefinite."""
+    try:
+        return np.linalg.cholesky(cov + 1e-15 * np.eye(len(cov)))
+    except np.linalg.LinAlgError:
+        vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
+        return vecs * np.sqrt(np.clip(vals, 0.0, None))
 
 
 def axis_neighbours(z: np.ndarray, i: int, tol: float = 1e-6) -> list[int]:
