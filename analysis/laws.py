@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from steplaw_train.steplaw import PAPER
+
 Inputs = Mapping[str, float]
 Formula = Callable[[Inputs], float]
 
@@ -48,10 +50,11 @@ def _safe(f: Formula | None, x: Inputs) -> float | None:
 
 
 def step_law(
-    c: float = 1.79, alpha: float = -0.713, beta: float = 0.307, d: float = 0.58,
-    gamma: float = 0.571, name: str = "Step Law", note: str = "",
+    c: float = math.exp(PAPER.lr_intercept), alpha: float = PAPER.lr_coefN,
+    beta: float = PAPER.lr_coefD, d: float = math.exp(PAPER.bs_intercept),
+    gamma: float = PAPER.bs_coefD, name: str = "Step Law", note: str = "",
 ) -> Law:  # fmt: skip
-    """The Step Law form with given constants (the published ones by default)."""
+    """The Step Law form with given constants (the paper's, steplaw.PAPER, by default)."""
     return Law(
         name=name,
         source="Li et al. 2025, arXiv 2503.04715",

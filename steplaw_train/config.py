@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from steplaw_train.keys import check_keys
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import (
     DataSpec,
@@ -77,12 +78,7 @@ def spec_from_cfg(cfg: Any) -> RunSpec:
 
 def options_from_cfg(section: Any) -> RunOptions:
     d = _plain(section) if section is not None else {}
-    allowed = {f.name for f in fields(RunOptions)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"options.{sorted(unknown)[0]}", f"unknown option; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, [f.name for f in fields(RunOptions)], "options")
     if d.get("data_root") is not None:
         d["data_root"] = Path(d["data_root"]).expanduser()
     return RunOptions(**d)

@@ -17,17 +17,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from steplaw_train import params
+from steplaw_train.errors import SpecError
+from steplaw_train.keys import check_keys
 
 HASH_EXCLUDED = {("model", "name"), ("data", "recipe")}
 MIN_LR_MODES = ("fixed", "ratio")
-
-
-class SpecError(ValueError):
-    """A spec field has a value the harness cannot run; the message names the field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)
@@ -282,12 +276,7 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
 
 def from_plain(cls: type, d: dict[str, Any], prefix: str) -> Any:
     """Build a dataclass from a plain dict, naming unknown keys with the allowed ones."""
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"{prefix}.{sorted(unknown)[0]}", f"unknown field; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, [f.name for f in fields(cls)], prefix)
     return cls(**d)
 
 

@@ -9,9 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
-from steplaw_train import status as status_cli
 from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
+from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
 
 # Two tiny runs of a few seconds each (the `tiny` grid restricted further).
@@ -106,6 +106,32 @@ def test_bad_launcher_is_named_before_any_work(tmp_path, data_root):
     with pytest.raises(SpecError, match="launcher.name.*allowed.*local"):
         sweep(cfg_for(tmp_path / "sw", data_root, "launcher.name=kubernetes"))
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize(
+    "launcher, key, valid",
+    [
+        ("slurm", "partiton", "partition"),
+        ("local", "paralelism", "parallelism"),
+        ("debug", "pbd", "pdb"),
+    ],
+)
+def test_unknown_launcher_key_names_the_valid_ones(tmp_path, data_root, launcher, key, valid):
+    over = (f"launcher={launcher}", f"+launcher.{key}=x", "dry_run=true")
+    with pytest.raises(SpecError, match=rf"launcher\.{key}: unknown key .*'{valid}'"):
+        sweep(cfg_for(tmp_path / "sw", data_root, *over))
+    assert not (tmp_path / "sw").exists()
+
+
+def test_unknown_launcher_key_on_the_command_line_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "steplaw_train.sweep", "+grid=tiny", "launcher=slurm"]
+    cmd += ["+launcher.partiton=x", "dry_run=true", f"sweep_dir={tmp_path / 'sw'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "launcher.partiton: unknown key" in p.stderr and "'partition'" in p.stderr
 
 
 def test_a_job_slurm_does_not_report_yet_is_queued_not_failed(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m steplaw_train.status SWEEP_DIR [--json]`: what each run of a sweep is.
+"""`python -m steplaw_train.sweep.status SWEEP_DIR [--json]`: what each run of a sweep is.
 
 The table lists counts per state and, for failed runs, the tail of their job log. `--json` prints
 one object: the count per state (done, failed, diverged, preempted, queued, running, pending) and
@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from launch import status as st
+from steplaw_train import rundir
 
 
 def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
-    manifest = st.read_json(sweep_dir / "manifest.json")
+    try:
+        manifest = rundir.read_manifest(sweep_dir)
+    except rundir.CorruptRecord as e:
+        raise SystemExit(
+            f"error: {e} (damaged sweep record; rerun the sweep to rewrite it)"
+        ) from None
     if manifest is None:
-        raise SystemExit(f"error: {sweep_dir} has no manifest.json (not a sweep directory)")
+        raise SystemExit(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
     statuses = st.sweep_states(sweep_dir, manifest["run_ids"])
     out: dict[str, Any] = st.counts(statuses)
     out["total"] = len(statuses)
@@ -28,9 +34,12 @@ def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
 
 
 def _submitted_last(sweep_dir: Path) -> int:
-    path = sweep_dir / "submissions.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return int(json.loads(lines[-1])["submitted"]) if lines else 0
+    """How many runs the last submitting invocation handed over (a torn line is skipped)."""
+    entries, _ = rundir.read_submissions(sweep_dir)
+    try:
+        return int(entries[-1]["submitted"]) if entries else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int = 10) -> str:
@@ -47,7 +56,7 @@ def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m steplaw_train.status", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m steplaw_train.sweep.status", description=__doc__)
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object of counts per state")
     p.add_argument("--tail", type=int, default=10, help="log lines shown per failed run")

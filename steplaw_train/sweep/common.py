@@ -1,20 +1,15 @@
-"""`python -m steplaw_train.sweep +grid=NAME [launcher=local|slurm|debug] [dry_run=true] ...`
+"""What the full and the guided sweep share: the sweep's setup, which runs go out, the dry-run
+table and the sweep directory's records.
 
-Expand the grid, validate every spec before anything runs, skip what is finished or queued,
-print a dry-run table, record the sweep (resolved config, manifest, runs/<run_id>/spec.json) and
-hand the rest to launch/. `main` is a thin Hydra shell over `sweep(cfg)`, which tests call with a
-composed config. Which runs go out:
+Which runs go out (`select`):
   pending                       always
   failed / preempted            while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
-With `search=guided` the grid's points go out a few at a time instead (steplaw_train/guided.py).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import executors, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
-from steplaw_train import config as cfgmod
-from steplaw_train import grid as gridmod
+from steplaw_train import atomic, rundir
+from steplaw_train import config as config_mod
+from steplaw_train import grid as grid_mod
+from steplaw_train.cells import cell_key
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError
 
@@ -45,17 +42,58 @@ class SweepResult:
     table: str
 
 
+@dataclass(frozen=True)
+class Setup:
+    """A sweep invocation's inputs, validated once: the specs, where they go and how."""
+
+    specs: tuple[RunSpec, ...]
+    sweep_dir: Path
+    options: RunOptions
+    resources: ResourceModel
+    launcher: executors.Launcher
+    retry_failed: bool
+    max_retries: int
+    dry_run: bool
+
+
+def plain(section: Any) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)
+
+
 def expand_from_cfg(cfg: Any) -> list[RunSpec]:
     """The grid's RunSpecs (validated), or the single run the base config describes."""
     g = cfg.get("grid")
     if g is None:
         raise SpecError("grid", "no grid given; use +grid=NAME (see configs/grid/)")
-    plain = OmegaConf.to_container(g, resolve=True) if isinstance(g, DictConfig) else dict(g)
-    base_model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
-    base_data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None
-    base_train = OmegaConf.to_container(cfg.train, resolve=True)
+    base_model = plain(cfg.model) if "model" in cfg else None
+    base_data = plain(cfg.data) if "data" in cfg else None
     mbs = cfg.options.get("micro_batch_size") if "options" in cfg else None
-    return gridmod.expand(plain, base_model, base_data, base_train, micro_batch_size=mbs)
+    return grid_mod.expand(plain(g), base_model, base_data, plain(cfg.train), micro_batch_size=mbs)
+
+
+def setup_from_cfg(cfg: Any) -> Setup:
+    """Expand and validate everything a sweep needs before it touches the sweep dir."""
+    specs = expand_from_cfg(cfg)
+    grid_name = str(cfg.grid.get("name", "grid"))
+    options = config_mod.options_from_cfg(cfg.get("options"))
+    options = replace(options, wandb_group=options.wandb_group or grid_name)
+    resources = resource_model(cfg.get("resources"))
+    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
+    return Setup(
+        specs=tuple(specs),
+        sweep_dir=sweep_dir,
+        options=options,
+        resources=resources,
+        launcher=launcher,
+        retry_failed=bool(cfg.get("retry_failed", False)),
+        max_retries=int(cfg.get("max_retries", 1)),
+        dry_run=bool(cfg.get("dry_run", False)),
+    )
 
 
 def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:
@@ -89,7 +127,7 @@ def table(
     rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
     classes: dict[tuple, set[str]] = defaultdict(set)
     for spec in specs:
-        key = gridmod.cell_key(spec)
+        key = cell_key(spec)
         r, st = rows[key], state[spec.run_id]
         r["runs"] += 1
         r["submit"] += spec.run_id in todo
@@ -122,17 +160,12 @@ def table(
     return "\n".join(lines)
 
 
-def _options(cfg: Any, grid_name: str) -> RunOptions:
-    options = cfgmod.options_from_cfg(cfg.get("options"))
-    return replace(options, wandb_group=options.wandb_group or grid_name)
-
-
 def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
+    """The resolved config, the manifest and each new run's spec.json (kept if present)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / ".config.yaml.tmp").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (sweep_dir / ".config.yaml.tmp").replace(sweep_dir / "config.yaml")
-    executors.write_json_atomic(
-        sweep_dir / "manifest.json",
+    atomic.write_text(sweep_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    rundir.write_manifest(
+        sweep_dir,
         {
             "grid": cfg.grid.get("name"),
             "updated": time.time(),
@@ -140,92 +173,24 @@ def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
         },
     )
     for spec in specs:
-        path = sweep_dir / "runs" / spec.run_id / "spec.json"
-        if not path.exists():
-            executors.write_json_atomic(path, {"spec": spec.to_dict(), "derived": spec.derived()})
+        path = rundir.run_dir(sweep_dir, spec.run_id)
+        if not rundir.is_run_dir(path):
+            rundir.write_spec(path, spec)
 
 
-def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
-    with open(sweep_dir / "submissions.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
-    """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
-    specs = expand_from_cfg(cfg)
-    grid_name = str(cfg.grid.get("name", "grid"))
-    options = _options(cfg, grid_name)
-    rm = resource_model(cfg.get("resources"))
-    lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
-    launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
-    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
-    if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided
-        from steplaw_train import guided
-
-        return guided.run(cfg, specs, sweep_dir, options, lc, launcher, rm, out)
-    statuses = status.sweep_states(sweep_dir, [s.run_id for s in specs])
-    todo_ids = select(
-        statuses, bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1))
-    )
-    todo = [s for s in specs if s.run_id in set(todo_ids)]
-    max_array = int(lc.get("max_array_size") or 1001)
-    calls = (
-        len(executors.plan_arrays(todo, rm, max_array, options.micro_batch_size))
-        if launcher == "slurm"
-        else 0
-    )
-    text = table(specs, statuses, set(todo_ids), rm, launcher, calls)
-    print(text, file=out)
-    before = status.counts(statuses)
-    if cfg.get("dry_run", False):
-        return SweepResult(sweep_dir, tuple(specs), before, (), (), 0, (), launcher, text)
-    check_data(todo, options)
-    record_sweep(sweep_dir, cfg, specs)
-    sub = executors.submit(launcher, todo, sweep_dir, options, lc, rm)
-    append_submission(
-        sweep_dir,
+def record_submission(
+    setup: Setup, run_ids: Sequence[str], sub: executors.Submitted, **extra: Any
+) -> None:
+    """One line of submissions.jsonl per submitting call (status reads the last one)."""
+    rundir.append_submission(
+        setup.sweep_dir,
         {
             "time": time.time(),
-            "launcher": launcher,
-            "submitted": len(todo),
-            "run_ids": [s.run_id for s in todo],
+            "launcher": setup.launcher.name,
+            **extra,
+            "submitted": len(run_ids),
+            "run_ids": list(run_ids),
             "job_ids": list(sub.job_ids),
             "batch_calls": sub.batch_calls,
         },
     )
-    print(
-        f"submitted {len(todo)} runs ({sub.batch_calls} job arrays) to {launcher}; "
-        f"sweep dir {sweep_dir}",
-        file=out,
-    )
-    return SweepResult(
-        sweep_dir,
-        tuple(specs),
-        before,
-        tuple(s.run_id for s in todo),
-        sub.job_ids,
-        sub.batch_calls,
-        sub.failed,
-        launcher,
-        text,
-    )
-
-
-def main() -> None:
-    import hydra
-
-    @hydra.main(config_path=str(cfgmod.config_dir()), config_name="sweep", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
-        try:
-            result = sweep(cfg)
-        except (SpecError, status.SchedulerUnavailable) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        if result.failed:
-            sys.exit(1)
-
-    _main()
-
-
-if __name__ == "__main__":
-    main()
