@@ -37,6 +37,7 @@ import torch
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import distributed, flops, rundir
 from steplaw_train import metrics as mx
+from steplaw_train.locks import LockUnsupported
 from steplaw_train.options import PRECISIONS, RunOptions
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
@@ -676,7 +677,7 @@ def main() -> None:
     def _main(cfg) -> None:
         try:
             result = run_from_cfg(cfg)
-        except SpecError as e:
+        except (SpecError, LockUnsupported) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -134,6 +134,37 @@ def test_unknown_launcher_key_on_the_command_line_exits_2(tmp_path):
     assert "launcher.partiton: unknown key" in p.stderr and "'partition'" in p.stderr
 
 
+def test_a_second_sweep_on_a_busy_sweep_dir_is_refused_and_submits_nothing(tmp_path, data_root):
+    """Two terminals, one sweep dir: the second invocation must not train the runs again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sw = tmp_path / "sw"
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom steplaw_train import rundir\n"
+        "with rundir.sweep_owned(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(sw)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SpecError, match=rf"pid {holder.pid}\).*another sweep invocation"):
+            sweep(cfg_for(sw, data_root, "launcher=debug"))
+        assert not (sw / "runs").exists() and not (sw / "submissions.jsonl").exists()
+        assert sweep(cfg_for(sw, data_root, "launcher=debug", "dry_run=true")).submitted == ()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_job_slurm_does_not_report_yet_is_queued_not_failed(tmp_path):
     """sacct lags sbatch: right after submission a job is unknown; resubmitting it would be waste."""
     from launch.executors import record_attempt
