@@ -10,6 +10,7 @@ stay out of the hash: they live in `RunOptions` or are excluded explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -148,8 +149,10 @@ class RunSpec:
         t = self.train
         return t.min_lr if t.min_lr_mode == "fixed" else t.lr * t.min_lr_ratio
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
+        """The hash of the canonical spec; cached (the spec is frozen), as a sweep asks for it
+        several times per run."""
         return run_id(self)
 
     # ---- (de)serialisation ------------------------------------------------------------------
