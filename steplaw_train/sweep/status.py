@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch import status as st
+from launch import status as run_status
 from steplaw_train import rundir
 
 
-def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
+def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[run_status.RunStatus]]:
     try:
         manifest = rundir.read_manifest(sweep_dir)
     except rundir.CorruptRecord as e:
@@ -26,8 +26,8 @@ def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
         ) from None
     if manifest is None:
         raise SystemExit(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
-    statuses = st.sweep_states(sweep_dir, manifest["run_ids"])
-    out: dict[str, Any] = st.counts(statuses)
+    statuses = run_status.sweep_states(sweep_dir, manifest["run_ids"])
+    out: dict[str, Any] = run_status.counts(statuses)
     out["total"] = len(statuses)
     out["submitted_last"] = _submitted_last(sweep_dir)
     return out, statuses
@@ -42,7 +42,9 @@ def _submitted_last(sweep_dir: Path) -> int:
         return 0
 
 
-def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int = 10) -> str:
+def render(
+    counts: dict[str, Any], statuses: list[run_status.RunStatus], tail_lines: int = 10
+) -> str:
     lines = ["  ".join(f"{k}={v}" for k, v in counts.items())]
     for s in statuses:
         if s.state in ("failed", "preempted", "running", "queued"):
@@ -50,7 +52,7 @@ def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int
                 f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}"
             )
         if s.state == "failed":
-            tail = st.log_tail(s.log, tail_lines)
+            tail = run_status.log_tail(s.log, tail_lines)
             lines += [f"    | {t}" for t in tail.splitlines()]
     return "\n".join(lines)
 
