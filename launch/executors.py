@@ -271,7 +271,7 @@ class Launcher:
     def submit(self, specs: Iterable[RunSpec], out=sys.stderr) -> Submitted:
         specs = list(specs)
         if not specs:
-            return Submitted((), 0)
+            return Submitted(job_ids=(), batch_calls=0)
         _export_pythonpath()
         return self._submit(specs, out)
 
@@ -320,7 +320,7 @@ class SlurmLauncher(Launcher):
                     },
                 )
                 job_ids.append(job.job_id)
-        return Submitted(tuple(job_ids), len(chunks))
+        return Submitted(job_ids=tuple(job_ids), batch_calls=len(chunks))
 
 
 def _describe(spec: RunSpec) -> str:
@@ -389,7 +389,7 @@ class LocalLauncher(Launcher):
                     file=out,
                     flush=True,
                 )
-        return Submitted(tuple(job_ids), 0, tuple(failed))
+        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
 
 
 class DebugLauncher(Launcher):
@@ -426,7 +426,7 @@ class DebugLauncher(Launcher):
                 file=out,
                 flush=True,
             )
-        return Submitted(tuple(job_ids), 0, tuple(failed))
+        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
 
 
 LAUNCHER_CLASSES: dict[str, type[Launcher]] = {

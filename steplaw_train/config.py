@@ -1,4 +1,5 @@
-"""Hydra config sections → RunSpec / RunOptions. The only module that knows the YAML layout.
+"""Hydra config sections → RunSpec / RunOptions: the layout of the model/data/train/options
+sections (grid.yaml_presets reads the model and data groups' files for grid axes, data.py its recipes).
 
 The YAML tree lives in the repository's top-level `configs/` (the user's layout); installed
 elsewhere, point STEPLAW_CONFIG_DIR at a copy of it.
