@@ -123,6 +123,13 @@ def test_unknown_launcher_key_names_the_valid_ones(tmp_path, data_root, launcher
     assert not (tmp_path / "sw").exists()
 
 
+def test_unknown_search_key_of_the_full_search_is_refused(tmp_path, data_root):
+    with pytest.raises(
+        SpecError, match=r"search\.batch: unknown key 'batch'; allowed keys: \['name'\]"
+    ):
+        sweep(cfg_for(tmp_path / "sw", data_root, "+search.batch=2", "dry_run=true"))
+
+
 def test_unknown_launcher_key_on_the_command_line_exits_2(tmp_path):
     import subprocess
     import sys

@@ -19,12 +19,14 @@ from omegaconf import DictConfig
 from launch import status
 from steplaw_train import config as config_mod
 from steplaw_train import rundir
+from steplaw_train.keys import check_keys
 from steplaw_train.locks import LockUnsupported
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import guided
 from steplaw_train.sweep.common import (
     SweepResult,
     check_data,
+    plain,
     record_submission,
     record_sweep,
     select,
@@ -36,8 +38,10 @@ from steplaw_train.sweep.common import (
 def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
     setup = setup_from_cfg(cfg)
-    if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided
+    search = plain(cfg.get("search"))
+    if str(search.get("name", "full")) != "full":  # search=guided
         return guided.run(cfg, setup, out)
+    check_keys(search, ("name",), "search")  # the full search has no knobs
     if setup.dry_run:
         return _submit(cfg, setup, out)
     with rundir.sweep_owned(setup.sweep_dir):
