@@ -172,6 +172,34 @@ def test_a_second_sweep_on_a_busy_sweep_dir_is_refused_and_submits_nothing(tmp_p
         holder.wait()
 
 
+def test_two_identical_sweep_commands_train_each_run_once(tmp_path, data_root):
+    """The hostile-user case: the same local sweep started twice from two terminals."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sw = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "steplaw_train.sweep", "+grid=tiny", BLOCK, f"sweep_dir={sw}"]
+    cmd += [f"options.data_root={data_root}", "launcher=local"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    lock = sw / ".sweep.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err.decode()[-2000:]
+    assert second.returncode == 2 and "another sweep invocation" in second.stderr
+    for run_dir in (sw / "runs").iterdir():
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+        assert steps == sorted(set(steps)), run_dir  # trained once: no interleaved restarts
+        assert len(json.loads((run_dir / "launch.json").read_text())["attempts"]) == 1
+    assert counts(sw)["done"] == 2
+
+
 def test_a_job_slurm_does_not_report_yet_is_queued_not_failed(tmp_path):
     """sacct lags sbatch: right after submission a job is unknown; resubmitting it would be waste."""
     from launch.executors import record_attempt
