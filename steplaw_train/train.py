@@ -387,6 +387,9 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
         while loop.state.step < spec.iterations and outcome.status == "done":
             outcome = train_step(loop, flag)
         return finish(loop, outcome)
+    except BaseException:
+        loop.logger.close(exit_code=1)  # wandb shows the run as failed, not finished
+        raise
     finally:
         loop.logger.close()
 
@@ -564,7 +567,7 @@ def checkpoint_or_stop(loop: Loop, flag: SignalFlag) -> None:
                 loop.options.keep_checkpoints,
             )
         if signum is not None:
-            loop.logger.close()
+            loop.logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
             flag.reraise()
 
 
