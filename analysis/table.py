@@ -25,10 +25,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import collect
-from steplaw_train.cells import snap_log
+from steplaw_train.cells import SNAP_TOL, snap_log
 from steplaw_train.search import Cell, Proposal
 
-LOG_TOL = 0.02  # values within 2% are the same grid value
+LOG_TOL = SNAP_TOL  # the one snapping tolerance (steplaw_train.cells)
 
 
 @dataclass(frozen=True)
