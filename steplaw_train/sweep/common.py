@@ -2,8 +2,8 @@
 table and the sweep directory's records.
 
 Which runs go out (`select`):
-  pending                       always
-  failed / preempted            while the run has had <= max_retries attempts
+  pending / preempted           always (a preempted run resumes; it is not a failure)
+  failed                        while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
 """
@@ -25,7 +25,7 @@ from steplaw_train import atomic, rundir
 from steplaw_train import config as config_mod
 from steplaw_train import grid as grid_mod
 from steplaw_train.cells import cell_key
-from steplaw_train.options import RunOptions
+from steplaw_train.options import RunOptions, validate_options
 from steplaw_train.spec import RunSpec, SpecError
 
 
@@ -64,22 +64,40 @@ def plain(section: Any) -> dict[str, Any]:
     return dict(section)
 
 
-def expand_from_cfg(cfg: Any) -> list[RunSpec]:
-    """The grid's RunSpecs (validated), or the single run the base config describes."""
+def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
+    """The grid's RunSpecs (validated), or the single run the base config describes.
+
+    `overrides` are the command line's; one a grid axis would silently replace is refused.
+    """
     g = cfg.get("grid")
     if g is None:
         raise SpecError("grid", "no grid given; use +grid=NAME (see configs/grid/)")
+    grid_mod.check_overrides(plain(g), overrides)
     base_model = plain(cfg.model) if "model" in cfg else None
     base_data = plain(cfg.data) if "data" in cfg else None
     mbs = cfg.options.get("micro_batch_size") if "options" in cfg else None
     return grid_mod.expand(plain(g), base_model, base_data, plain(cfg.train), micro_batch_size=mbs)
 
 
-def setup_from_cfg(cfg: Any) -> Setup:
+def check_sweep_fields(cfg: Any) -> None:
+    """The sweep's own top-level fields, before anything is read or written."""
+    from steplaw_train.spec import check_int
+
+    check_int("max_retries", cfg.get("max_retries", 1), 0)
+    for key in ("dry_run", "retry_failed"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
+    if not str(cfg.get("sweep_dir") or "").strip():
+        raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
+
+
+def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     """Expand and validate everything a sweep needs before it touches the sweep dir."""
-    specs = expand_from_cfg(cfg)
+    check_sweep_fields(cfg)
+    specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = config_mod.options_from_cfg(cfg.get("options"))
+    validate_options(options)
     options = replace(options, wandb_group=options.wandb_group or grid_name)
     resources = resource_model(cfg.get("resources"))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
@@ -97,11 +115,15 @@ def setup_from_cfg(cfg: Any) -> Setup:
 
 
 def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:
-    """run_ids to submit now (see the module docstring)."""
+    """run_ids to submit now (see the module docstring).
+
+    Preempted runs always go out again: they resume from their checkpoints, and being preempted
+    is not a failure, so it does not count against max_retries.
+    """
     out = []
     for s in statuses:
-        again = s.state in ("failed", "preempted") and s.attempts <= max_retries
-        if s.state == "pending" or again or (retry_failed and s.state == "failed"):
+        again = s.state == "failed" and (s.attempts <= max_retries or retry_failed)
+        if s.state in ("pending", "preempted") or again:
             out.append(s.run_id)
     return out
 

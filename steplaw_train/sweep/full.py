@@ -11,6 +11,7 @@ at a time: a second one is refused with the holder's pid (rundir.sweep_owned).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -35,9 +36,11 @@ from steplaw_train.sweep.common import (
 )
 
 
-def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
-    """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
-    setup = setup_from_cfg(cfg)
+def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResult:
+    """Expand → validate → (dry-run table) → record → submit. Returns what it did.
+
+    `overrides` are the command line's (a grid axis's field overridden there is refused)."""
+    setup = setup_from_cfg(cfg, overrides)
     search = plain(cfg.get("search"))
     if str(search.get("name", "full")) != "full":  # search=guided
         return guided.run(cfg, setup, out)
@@ -93,8 +96,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_mod.config_dir()), config_name="sweep", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
-            result = sweep(cfg)
+            result = sweep(cfg, overrides=list(HydraConfig.get().overrides.task))
         except (SpecError, status.SchedulerUnavailable, LockUnsupported) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

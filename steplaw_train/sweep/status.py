@@ -18,14 +18,9 @@ from steplaw_train import rundir
 
 
 def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[run_status.RunStatus]]:
-    try:
-        manifest = rundir.read_manifest(sweep_dir)
-    except rundir.CorruptRecord as e:
-        raise SystemExit(
-            f"error: {e} (damaged sweep record; rerun the sweep to rewrite it)"
-        ) from None
+    manifest = rundir.read_manifest(sweep_dir)  # CorruptRecord: main() reports it in one line
     if manifest is None:
-        raise SystemExit(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
+        _fail(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
     statuses = run_status.sweep_states(sweep_dir, manifest["run_ids"])
     out: dict[str, Any] = run_status.counts(statuses)
     out["total"] = len(statuses)
@@ -57,13 +52,29 @@ def render(
     return "\n".join(lines)
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, exit status 2 (bad input), as every CLI of the harness does."""
+    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m steplaw_train.sweep.status", description=__doc__)
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object of counts per state")
     p.add_argument("--tail", type=int, default=10, help="log lines shown per failed run")
     args = p.parse_args(argv)
-    counts, statuses = summary(args.sweep_dir.resolve())
+    try:
+        counts, statuses = summary(args.sweep_dir.resolve())
+    except run_status.SchedulerUnavailable as e:
+        _fail(f"error: {e}")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        # damaged bookkeeping (a manifest without run_ids, a result.json that is `[]` or binary,
+        # a torn submissions.jsonl): one line naming the sweep, never a traceback
+        _fail(
+            f"error: {args.sweep_dir}: damaged sweep bookkeeping ({type(e).__name__}: {e}); "
+            "the run directories themselves are untouched"
+        )
     if args.json:
         json.dump(counts, sys.stdout)
         print()
