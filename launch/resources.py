@@ -2,8 +2,15 @@
 
 Compute is 6 * Na * D (Na = activated non-embedding parameters; N for dense models), the usual
 training-FLOPs estimate. Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
-powers of two minutes so that a grid of thousands of runs falls into a handful of resource classes,
-each of which becomes one SLURM job array (a few sbatch calls, never one per run).
+the series 1, 1.5, 2, 3, 4, 6, 8, 12, ... minutes (at most 1.5x the need, where powers of two
+asked up to 2x: a 13-hour run no longer asks for 34 hours) so that a grid of thousands of runs
+still falls into a handful of resource classes, each of which becomes one SLURM job array (a few
+sbatch calls, never one per run).
+
+No request exceeds the cluster's limit (`max_timeout_min`, read from the partition's MaxTime / QOS
+MaxWall by launch/slurm_info.py at plan time, or `launcher.max_walltime_min`): a run that needs
+longer asks for the limit and chains `segments` jobs through checkpoint + requeue (the USR2
+warning before the limit), which is also how preemption is survived.
 
 Every GPU is one data-parallel rank, so a run never gets more GPUs than the largest power of two
 dividing its batch size (the paper's bs = 352 = 11 x 32 caps at 32 GPUs): otherwise the ranks
@@ -33,8 +40,10 @@ class ResourceModel:
     overhead_min: float = 10.0  # start-up, data, checkpoints
     min_timeout_min: int = 15
     cpus_per_task: int = 1  # CPU-only jobs: threads per process
-    cpu_tasks: int = 1  # CPU-only jobs: data-parallel processes (gloo ranks) per run
+    cpu_tasks: int = 1  # CPU-only jobs: data-parallel processes (gloo ranks) per node
+    cpu_nodes: int = 1  # CPU-only jobs: nodes per run (the multi-node path without GPUs)
     cpus_per_gpu: int = 8
+    max_timeout_min: int | None = None  # the cluster's limit per job; set at plan time
 
 
 def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
@@ -48,7 +57,11 @@ def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
     rm = ResourceModel(**d)
     if not (0 < rm.mfu <= 1):
         raise SpecError("resources.mfu", f"must be in (0, 1], got {rm.mfu}")
-    for name in ("cpus_per_task", "cpu_tasks", "max_nodes"):
+    if rm.max_timeout_min is not None and int(rm.max_timeout_min) < 1:
+        raise SpecError(
+            "resources.max_timeout_min", f"must be >= 1 or null, got {rm.max_timeout_min}"
+        )
+    for name in ("cpus_per_task", "cpu_tasks", "cpu_nodes", "max_nodes"):
         if int(getattr(rm, name)) < 1:
             raise SpecError(f"resources.{name}", f"must be >= 1, got {getattr(rm, name)}")
     return rm
@@ -67,6 +80,7 @@ class ResourceClass:
     cpus_per_task: int
     timeout_min: int
     cpu_tasks: int = 1
+    segments: int = 1  # jobs the run needs at this time limit (chained through requeue)
 
     @property
     def tasks_per_node(self) -> int:
@@ -81,9 +95,11 @@ class ResourceClass:
         if self.gpus_per_node:
             dev = f"{self.nodes}x{self.gpus_per_node}gpu"
         else:
+            nodes = f"{self.nodes}n" if self.nodes > 1 else ""
             tasks = f"{self.cpu_tasks}x" if self.cpu_tasks > 1 else ""
-            dev = f"{tasks}{self.cpus_per_task // self.cpu_tasks}cpu"
-        return f"{dev}/{self.timeout_min}min"
+            dev = f"{nodes}{tasks}{self.cpus_per_task // self.cpu_tasks}cpu"
+        chain = f"x{self.segments}" if self.segments > 1 else ""
+        return f"{dev}/{self.timeout_min}min{chain}"
 
 
 def flops(spec: RunSpec) -> float:
@@ -96,8 +112,23 @@ def device_hours(spec: RunSpec, rm: ResourceModel) -> float:
     return flops(spec) / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
 
 
-def _pow2_minutes(minutes: float, floor: int) -> int:
-    return max(floor, 2 ** math.ceil(math.log2(max(minutes, 1.0))))
+def bucket_minutes(minutes: float, floor: int) -> int:
+    """Round up to the series 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 * 2^k), >= floor."""
+    m = max(minutes, 1.0)
+    k = 2 ** math.floor(math.log2(m))
+    bucket = next(c for c in (k, 1.5 * k, 2 * k) if c >= m)
+    return max(floor, math.ceil(bucket))
+
+
+def _time_limit(minutes: float, rm: ResourceModel) -> tuple[int, int]:
+    """(time limit, segments): the bucketed need, or the cluster's cap and how many jobs of it
+    the run takes (each segment pays the start-up overhead again)."""
+    want = bucket_minutes(minutes, rm.min_timeout_min)
+    cap = rm.max_timeout_min
+    if cap is None or want <= cap:
+        return want, 1
+    useful = max(cap - rm.overhead_min, cap / 2)  # minutes of training per segment
+    return cap, math.ceil((minutes - rm.overhead_min) / useful)
 
 
 def max_data_parallel(batch_size: int) -> int:
@@ -108,18 +139,19 @@ def max_data_parallel(batch_size: int) -> int:
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
     hours = device_hours(spec, rm)
     if rm.gpus_per_node == 0:
-        cpus = rm.cpus_per_task * rm.cpu_tasks
-        minutes = hours / cpus * 60 * rm.safety + rm.overhead_min
-        timeout = _pow2_minutes(minutes, rm.min_timeout_min)
-        return ResourceClass(1, 0, cpus, timeout, rm.cpu_tasks)
+        cpus = rm.cpus_per_task * rm.cpu_tasks  # per node
+        minutes = hours / (cpus * rm.cpu_nodes) * 60 * rm.safety + rm.overhead_min
+        timeout, segments = _time_limit(minutes, rm)
+        return ResourceClass(rm.cpu_nodes, 0, cpus, timeout, rm.cpu_tasks, segments)
     max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(spec.train.batch_size))
+    # scale out before chaining: a run that fits one job is simpler than a chain of them
+    target_h = min(rm.target_hours, (rm.max_timeout_min or math.inf) / 60)
     gpus = 1
-    while gpus < max_gpus and hours / gpus > rm.target_hours:
+    while gpus < max_gpus and hours / gpus > target_h:
         gpus *= 2
     gpus = min(gpus, max_gpus)
     nodes = math.ceil(gpus / rm.gpus_per_node)
     per_node = min(gpus, rm.gpus_per_node)
     minutes = hours / (nodes * per_node) * 60 * rm.safety + rm.overhead_min
-    return ResourceClass(
-        nodes, per_node, rm.cpus_per_gpu * per_node, _pow2_minutes(minutes, rm.min_timeout_min)
-    )
+    timeout, segments = _time_limit(minutes, rm)
+    return ResourceClass(nodes, per_node, rm.cpus_per_gpu * per_node, timeout, 1, segments)
