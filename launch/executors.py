@@ -47,6 +47,7 @@ SLURM_KEYS = {
     "max_array_size",
     "signal_delay_s",
     "max_num_timeout",
+    "max_walltime_min",
     "mem_gb",
     "additional",
     "container",
@@ -214,7 +215,8 @@ def submit_slurm(
         ex = submitit.AutoExecutor(
             folder=sweep_dir / "logs",
             cluster="slurm",
-            slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)),
+            # a run chained over `segments` jobs is requeued at each but the last time limit
+            slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)) + chunk.resources.segments - 1,
         )
         ex.update_parameters(
             name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc)

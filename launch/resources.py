@@ -19,6 +19,7 @@ could not split the global batch and the job would fail on the cluster after its
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -109,7 +110,11 @@ def flops(spec: RunSpec) -> float:
 
 def device_hours(spec: RunSpec, rm: ResourceModel) -> float:
     """Estimated GPU-hours (CPU-core-hours for CPU-only jobs) of one run."""
-    return flops(spec) / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
+    return _device_hours(spec.Na, spec.D, rm)
+
+
+def _device_hours(Na: int, D: int, rm: ResourceModel) -> float:
+    return 6.0 * Na * D / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
 
 
 def bucket_minutes(minutes: float, floor: int) -> int:
@@ -137,13 +142,20 @@ def max_data_parallel(batch_size: int) -> int:
 
 
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
-    hours = device_hours(spec, rm)
+    """The job one run needs. It depends on (Na, D, batch size) only, which a grid repeats for
+    every LR, so it is computed once per distinct triple (planning stays linear in the runs)."""
+    return _resource_class(spec.Na, spec.D, spec.train.batch_size, rm)
+
+
+@functools.lru_cache(maxsize=65536)
+def _resource_class(Na: int, D: int, batch_size: int, rm: ResourceModel) -> ResourceClass:
+    hours = _device_hours(Na, D, rm)
     if rm.gpus_per_node == 0:
         cpus = rm.cpus_per_task * rm.cpu_tasks  # per node
         minutes = hours / (cpus * rm.cpu_nodes) * 60 * rm.safety + rm.overhead_min
         timeout, segments = _time_limit(minutes, rm)
         return ResourceClass(rm.cpu_nodes, 0, cpus, timeout, rm.cpu_tasks, segments)
-    max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(spec.train.batch_size))
+    max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(batch_size))
     # scale out before chaining: a run that fits one job is simpler than a chain of them
     target_h = min(rm.target_hours, (rm.max_timeout_min or math.inf) / 60)
     gpus = 1

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch import executors, status
+from launch import executors, slurm_info, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
 from steplaw_train import config as cfgmod
 from steplaw_train import grid as gridmod
@@ -158,6 +158,8 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     rm = resource_model(cfg.get("resources"))
     lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
     launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
+    if launcher == "slurm":  # never ask for more time than the partition / QOS allows
+        rm = slurm_info.with_cluster_limits(rm, lc)
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided
         from steplaw_train import guided
@@ -167,14 +169,15 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     todo_ids = select(
         statuses, bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1))
     )
-    todo = [s for s in specs if s.run_id in set(todo_ids)]
+    todo_set = set(todo_ids)  # once: a set per spec made planning quadratic in the grid
+    todo = [s for s in specs if s.run_id in todo_set]
     max_array = int(lc.get("max_array_size") or 1001)
     calls = (
         len(executors.plan_arrays(todo, rm, max_array, options.micro_batch_size))
         if launcher == "slurm"
         else 0
     )
-    text = table(specs, statuses, set(todo_ids), rm, launcher, calls)
+    text = table(specs, statuses, todo_set, rm, launcher, calls)
     print(text, file=out)
     before = status.counts(statuses)
     if cfg.get("dry_run", False):

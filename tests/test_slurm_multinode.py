@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from launch import sbatch
+from launch import sbatch, slurm_info
 from launch.executors import plan_arrays
 from launch.resources import resource_model
 from steplaw_train.config import config_dir
@@ -156,7 +156,9 @@ def sbatch_test_only(folder: Path, cfg) -> list[str]:
     """Render the sbatch scripts the planner would submit for cfg's grid (submitit's own text)
     and ask slurmctld whether it would start each one (`sbatch --test-only`)."""
     res = sweep(cfg, out=io.StringIO())  # a dry run: the specs, nothing submitted
-    chunks = plan_arrays(res.specs, resource_model(cfg.resources), 1001)
+    # the resource model as the SLURM launcher plans with it: capped at the partition's limit
+    rm = slurm_info.with_cluster_limits(resource_model(cfg.resources), cfg.launcher)
+    chunks = plan_arrays(res.specs, rm, 1001)
     replies = []
     for i, chunk in enumerate(chunks):
         path = folder / sbatch.file_name(chunk, i)
