@@ -17,6 +17,7 @@ paths, end state) so that launch/status.py can tell queued, running, failed and 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -50,6 +51,7 @@ SLURM_KEYS = {
     "max_walltime_min",
     "mem_gb",
     "additional",
+    "additional_by_class",
     "container",
 }
 
@@ -172,12 +174,17 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
         if v
     }
     extra.update(dict(lc.get("additional") or {}))
+    extra.update(class_additional(rc, lc.get("additional_by_class")))
     setup = list(lc.get("setup") or [])
+    cpus = max(1, rc.cpus_per_task // rc.tasks_per_node)
     params: dict[str, Any] = {
         "timeout_min": rc.timeout_min,
         "nodes": rc.nodes,
         "tasks_per_node": rc.tasks_per_node,
-        "cpus_per_task": max(1, rc.cpus_per_task // rc.tasks_per_node),
+        "cpus_per_task": cpus,
+        # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: without this each
+        # rank may be pinned to one CPU (its data loader and threads starved)
+        "slurm_srun_args": [f"--cpus-per-task={cpus}"],
         "slurm_signal_delay_s": int(lc.get("signal_delay_s", 120)),
         "slurm_array_parallelism": int(lc.get("array_parallelism", 256)),
         "slurm_setup": setup,
@@ -190,6 +197,22 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
     if lc.get("mem_gb"):
         params["mem_gb"] = lc["mem_gb"]
     return params
+
+
+def class_additional(rc: ResourceClass, by_class: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The extra sbatch options of `launcher.additional_by_class` whose pattern (fnmatch, on the
+    class label such as `2x8gpu/1440min`) matches this class, in the order given: `exclusive`
+    for whole-node jobs (`*x8gpu/*`) without giving each 1-GPU job a node."""
+    out: dict[str, Any] = {}
+    for pattern, options in (by_class or {}).items():
+        if not isinstance(options, Mapping):
+            raise SpecError(
+                f"launcher.additional_by_class.{pattern}",
+                f"must map sbatch options to values, got {options!r}",
+            )
+        if fnmatch.fnmatchcase(rc.label(), str(pattern)):
+            out.update(options)
+    return out
 
 
 # ---- submission (side effects) -----------------------------------------------------------------

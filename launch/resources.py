@@ -12,9 +12,15 @@ MaxWall by launch/slurm_info.py at plan time, or `launcher.max_walltime_min`): a
 longer asks for the limit and chains `segments` jobs through checkpoint + requeue (the USR2
 warning before the limit), which is also how preemption is survived.
 
-Every GPU is one data-parallel rank, so a run never gets more GPUs than the largest power of two
-dividing its batch size (the paper's bs = 352 = 11 x 32 caps at 32 GPUs): otherwise the ranks
-could not split the global batch and the job would fail on the cluster after its queue wait.
+Every GPU is one data-parallel rank, and the GPU count keeps every GPU busy: a power of two d
+such that each GPU gets a whole number of micro-batches of `seqs_per_gpu` sequences per step
+(bs / d a multiple of seqs_per_gpu, so the trainer's automatic micro-batch is seqs_per_gpu). Fewer
+sequences per GPU make a step communication-bound: the gradient all-reduce moves the same bytes
+whatever the batch, while the compute shrinks with it (a 1B model's bf16 gradients, ~2 GB, take
+longer to all-reduce than one 2,048-token sequence's forward+backward). And a batch that splits
+into odd pieces (bs 352 = 11 x 32 over 32 GPUs: 11 sequences each) ends in micro-batches of 1.
+Where seqs_per_gpu does not divide the batch, the old rule remains: the largest power of two
+dividing the batch with at least seqs_per_gpu sequences per GPU (or 1 GPU). See docs/design.md.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class ResourceModel:
     cpu_nodes: int = 1  # CPU-only jobs: nodes per run (the multi-node path without GPUs)
     cpus_per_gpu: int = 8
     max_timeout_min: int | None = None  # the cluster's limit per job; set at plan time
+    seqs_per_gpu: int = 8  # sequences per GPU per step: whole micro-batches of this size
 
 
 def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
@@ -62,7 +69,7 @@ def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
         raise SpecError(
             "resources.max_timeout_min", f"must be >= 1 or null, got {rm.max_timeout_min}"
         )
-    for name in ("cpus_per_task", "cpu_tasks", "cpu_nodes", "max_nodes"):
+    for name in ("cpus_per_task", "cpu_tasks", "cpu_nodes", "max_nodes", "seqs_per_gpu"):
         if int(getattr(rm, name)) < 1:
             raise SpecError(f"resources.{name}", f"must be >= 1, got {getattr(rm, name)}")
     return rm
@@ -141,6 +148,17 @@ def max_data_parallel(batch_size: int) -> int:
     return batch_size & -batch_size
 
 
+def max_gpus(batch_size: int, seqs_per_gpu: int) -> int:
+    """The most GPUs (a power of two) that keep >= seqs_per_gpu sequences per GPU per step, in
+    whole micro-batches of seqs_per_gpu where it divides the batch (module docstring)."""
+    if batch_size % seqs_per_gpu == 0:
+        return max_data_parallel(batch_size // seqs_per_gpu)
+    d = max_data_parallel(batch_size)
+    while d > 1 and batch_size // d < seqs_per_gpu:
+        d //= 2
+    return d
+
+
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
     """The job one run needs. It depends on (Na, D, batch size) only, which a grid repeats for
     every LR, so it is computed once per distinct triple (planning stays linear in the runs)."""
@@ -155,13 +173,13 @@ def _resource_class(Na: int, D: int, batch_size: int, rm: ResourceModel) -> Reso
         minutes = hours / (cpus * rm.cpu_nodes) * 60 * rm.safety + rm.overhead_min
         timeout, segments = _time_limit(minutes, rm)
         return ResourceClass(rm.cpu_nodes, 0, cpus, timeout, rm.cpu_tasks, segments)
-    max_gpus = min(rm.max_nodes * rm.gpus_per_node, max_data_parallel(batch_size))
+    most = min(rm.max_nodes * rm.gpus_per_node, max_gpus(batch_size, rm.seqs_per_gpu))
     # scale out before chaining: a run that fits one job is simpler than a chain of them
     target_h = min(rm.target_hours, (rm.max_timeout_min or math.inf) / 60)
     gpus = 1
-    while gpus < max_gpus and hours / gpus > target_h:
+    while gpus < most and hours / gpus > target_h:
         gpus *= 2
-    gpus = min(gpus, max_gpus)
+    gpus = min(gpus, most)
     nodes = math.ceil(gpus / rm.gpus_per_node)
     per_node = min(gpus, rm.gpus_per_node)
     minutes = hours / (nodes * per_node) * 60 * rm.safety + rm.overhead_min
