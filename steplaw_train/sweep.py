@@ -150,6 +150,35 @@ def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+def write_dry_run_files(
+    cfg: Any,
+    specs: Sequence[RunSpec],
+    statuses: Sequence[status.RunStatus],
+    todo: Sequence[RunSpec],
+    rm: ResourceModel,
+    lc: dict[str, Any],
+    sweep_dir: Path,
+    max_array: int,
+    out: Any,
+) -> None:
+    """`dry_run_list=PATH` (.csv/.json): every run; `dry_run_sbatch=DIR`: the scripts of the job
+    arrays the submission would make (launch/dryrun.py)."""
+    from launch import dryrun
+
+    if cfg.get("dry_run_list"):
+        states = {s.run_id: s.state for s in statuses}
+        path = Path(str(cfg.dry_run_list)).expanduser()
+        dryrun.write_rows(dryrun.run_rows(specs, states, rm), path)
+        print(f"{len(specs)} runs listed in {path}", file=out)
+    if cfg.get("dry_run_sbatch"):
+        micro = cfgmod.options_from_cfg(cfg.get("options")).micro_batch_size
+        chunks = executors.plan_arrays(todo, rm, max_array, micro)
+        where = Path(str(cfg.dry_run_sbatch)).expanduser()
+        name = f"steplaw_{sweep_dir.name}"
+        paths = dryrun.write_scripts(chunks, lc, sweep_dir / "logs", name, where)
+        print(f"{len(paths)} sbatch scripts (one per job array) in {where}", file=out)
+
+
 def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
     specs = expand_from_cfg(cfg)
@@ -181,6 +210,7 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     print(text, file=out)
     before = status.counts(statuses)
     if cfg.get("dry_run", False):
+        write_dry_run_files(cfg, specs, statuses, todo, rm, lc, sweep_dir, max_array, out)
         return SweepResult(sweep_dir, tuple(specs), before, (), (), 0, (), launcher, text)
     check_data(todo, options)
     record_sweep(sweep_dir, cfg, specs)
