@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch import executors, slurm_info, status
+from launch import disk, executors, slurm_info, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
 from steplaw_train import config as cfgmod
 from steplaw_train import grid as gridmod
@@ -207,6 +207,13 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
         else 0
     )
     text = table(specs, statuses, todo_set, rm, launcher, calls)
+    in_flight = (
+        int(lc.get("array_parallelism", 256)) * calls
+        if launcher == "slurm"
+        else int(lc.get("parallelism", 1))
+    )
+    room = disk.sweep_disk(specs, todo, options.keep_checkpoints, in_flight, rm.gpus_per_node > 0)
+    text += "\n" + room.describe()
     print(text, file=out)
     before = status.counts(statuses)
     if cfg.get("dry_run", False):

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from launch.disk import sweep_disk
 from launch.resources import ResourceModel, bucket_minutes, resource_class
 from launch.slurm_info import max_walltime_min, parse_time_min, with_cluster_limits
 from steplaw_train.spec import SpecError
@@ -66,3 +67,16 @@ def test_launcher_limit_and_bad_values():
     with pytest.raises(SpecError, match="launcher.max_walltime_min"):
         max_walltime_min({"max_walltime_min": 0}, query=False)
     assert replace(rm, max_timeout_min=None).max_timeout_min is None
+
+
+def test_checkpoint_disk_of_a_sweep():
+    specs = expand_from_cfg(sweep_cfg("+grid=dense_1b"))
+    one = sweep_disk(specs[:1], specs[:1], keep=1, in_flight=1, gpu=True)
+    assert 15e9 < one.end_bytes < 19e9  # a 1B model's checkpoint with optimizer: ~17 GB
+    assert one.peak_bytes == 2 * one.end_bytes  # the old one stays until the new is complete
+    all_ = sweep_disk(specs, specs, keep=1, in_flight=10, gpu=True)
+    assert all_.end_bytes == sum(s.N * 14 for s in specs)
+    assert all_.end_bytes < all_.peak_bytes <= all_.end_bytes * (1 + 10 / len(specs)) + 1
+    nothing_new = sweep_disk(specs, [], keep=2, in_flight=10, gpu=False)
+    assert nothing_new.peak_bytes == nothing_new.end_bytes == 2 * sum(s.N * 12 for s in specs)
+    assert "TB at the end" in all_.describe()
