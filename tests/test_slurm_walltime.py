@@ -22,9 +22,10 @@ from tests.test_slurm_multinode import gpu_cfg
 
 pytestmark = pytest.mark.slurm
 cluster, env = base.cluster, base.env
-# 2,400 steps (~90 s of training on an idle 2-core machine): more than one 2-minute job of the
-# `short` partition, whose warning signal comes 60 s before its end
-LONGER = "grid.blocks=[{model:[demo_dense_small],tokens:[1228800],lr:[0.003],batch_size:[4]}]"
+# 2,800 steps (~100 s of training on an idle 2-core machine, ~15 s more to start): more than one
+# 2-minute job of the `short` partition, whose warning signal (30 s before the end) slurmctld
+# sends up to 30 s early (it checks time limits every 30 s): at 60-90 s
+LONGER = "grid.blocks=[{model:[demo_dense_small],tokens:[1433600],lr:[0.003],batch_size:[4]}]"
 
 
 @pytest.mark.parametrize("grid", ["dense_1b", "dense"])
@@ -51,7 +52,6 @@ def test_a_run_past_its_time_limit_checkpoints_is_requeued_and_continues(env):
             env / "data",
             LONGER,
             "launcher.partition=short",
-            "++launcher.signal_delay_s=60",
             "options.checkpoint_interval=100000",  # only the warning signal saves
         )
     )
