@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py [--steps 30] [--threads N] [--out DIR]
 
 CPU (fp32, local spec): demo_dense and demo_moe at seq 128. GPU (bf16, Transformer Engine
-spec), when CUDA is present: also dense_1b at seq 2048, with MFU = tokens/s * M / peak bf16 FLOPs
-(M from steplaw_train.params: the paper's non-embedding FLOPs per token). Each shape runs
+spec), when CUDA is present: also dense_1b at seq 2048, with MFU = tokens/s * FLOPs per token /
+peak bf16 FLOPs (steplaw_train/flops.py: the paper's M plus the LM head's 6Vh, the same count the
+sweep's GPU-hour estimate uses). Each shape runs
 through `steplaw_train.train.run` in a fresh process, so the figures include nothing but the real
 training loop; the first logged steps (warm-up, allocator) are excluded from the median.
 """

@@ -1,11 +1,11 @@
 """Resources per run from its FLOPs: GPUs, nodes and walltime, bucketed into a few classes.
 
-Compute is 6 * Na * D (Na = activated non-embedding parameters; N for dense models), the usual
-training-FLOPs estimate. Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
-the series 1, 1.5, 2, 3, 4, 6, 8, 12, ... minutes (at most 1.5x the need, where powers of two
-asked up to 2x: a 13-hour run no longer asks for 34 hours) so that a grid of thousands of runs
-still falls into a handful of resource classes, each of which becomes one SLURM job array (a few
-sbatch calls, never one per run).
+Compute is D x flops.run_flops_per_token(spec) (the non-embedding M plus the LM head: the same
+function the trainer's MFU uses). Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are
+rounded up to the series 1, 1.5, 2, 3, 4, 6, 8, 12, ... minutes (at most 1.5x the need, where
+powers of two asked up to 2x: a 13-hour run no longer asks for 34 hours) so that a grid of
+thousands of runs still falls into a handful of resource classes, each of which becomes one SLURM
+job array (a few sbatch calls, never one per run).
 
 No request exceeds the cluster's limit (`max_timeout_min`, read from the partition's MaxTime / QOS
 MaxWall by launch/slurm_info.py at plan time, or `launcher.max_walltime_min`): a run that needs
@@ -31,7 +31,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from steplaw_train import flops as flops_mod
+from steplaw_train.keys import check_keys
 from steplaw_train.spec import RunSpec, SpecError, check_int, check_real
+
+DEFAULT_PEAK_TFLOPS = flops_mod.peak_flops(flops_mod.DEFAULT_DEVICE) / 1e12
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class ResourceModel:
     """Assumptions behind the estimate; configs/sweep.yaml `resources:` sets them."""
 
     mfu: float = 0.35  # model FLOPs utilisation assumed for the estimate
-    peak_tflops: float = 989.0  # per device (H100 SXM bf16 dense); a CPU core is ~0.05
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS  # per device (flops.py's table); a CPU core ~0.05
     gpus_per_node: int = 8  # 0 = CPU-only jobs (the demo shapes, the CI cluster)
     max_nodes: int = 16
     target_hours: float = 24.0  # use more GPUs (powers of two) until a run fits in this time
@@ -56,12 +60,7 @@ class ResourceModel:
 
 def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
     d = dict(cfg or {})
-    allowed = {f.name for f in fields(ResourceModel)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, {f.name for f in fields(ResourceModel)}, "resources")
     rm = ResourceModel(**d)
     check_resources(rm)
     return rm
@@ -134,17 +133,17 @@ class ResourceClass:
 
 
 def flops(spec: RunSpec) -> float:
-    """6 * Na * D training FLOPs."""
-    return 6.0 * spec.Na * spec.D
+    """Training FLOPs of the whole run: D tokens x FLOPs per token (flops.py)."""
+    return flops_mod.run_flops_per_token(spec) * spec.D
 
 
 def device_hours(spec: RunSpec, rm: ResourceModel) -> float:
     """Estimated GPU-hours (CPU-core-hours for CPU-only jobs) of one run."""
-    return _device_hours(spec.Na, spec.D, rm)
+    return _device_hours(flops(spec), rm)
 
 
-def _device_hours(Na: int, D: int, rm: ResourceModel) -> float:
-    return 6.0 * Na * D / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
+def _device_hours(run_flops: float, rm: ResourceModel) -> float:
+    return run_flops / (rm.mfu * rm.peak_tflops * 1e12) / 3600.0
 
 
 def bucket_minutes(minutes: float, floor: int) -> int:
@@ -183,14 +182,14 @@ def max_gpus(batch_size: int, seqs_per_gpu: int) -> int:
 
 
 def resource_class(spec: RunSpec, rm: ResourceModel) -> ResourceClass:
-    """The job one run needs. It depends on (Na, D, batch size) only, which a grid repeats for
-    every LR, so it is computed once per distinct triple (planning stays linear in the runs)."""
-    return _resource_class(spec.Na, spec.D, spec.train.batch_size, rm)
+    """The job one run needs. It depends on (FLOPs, batch size) only, which a grid repeats for
+    every LR, so it is computed once per distinct pair (planning stays linear in the runs)."""
+    return _resource_class(flops(spec), spec.train.batch_size, rm)
 
 
 @functools.lru_cache(maxsize=65536)
-def _resource_class(Na: int, D: int, batch_size: int, rm: ResourceModel) -> ResourceClass:
-    hours = _device_hours(Na, D, rm)
+def _resource_class(run_flops: float, batch_size: int, rm: ResourceModel) -> ResourceClass:
+    hours = _device_hours(run_flops, rm)
     if rm.gpus_per_node == 0:
         cpus = rm.cpus_per_task * rm.cpu_tasks  # per node
         minutes = hours / (cpus * rm.cpu_nodes) * 60 * rm.safety + rm.overhead_min

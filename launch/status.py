@@ -3,13 +3,13 @@
 States: done / diverged (result.json), queued / running (a recorded job SLURM or this machine still
 has), preempted (its job ended without a result but can resume: SLURM preempted, timed out or
 cancelled it, or the local process died), failed (its job ended with an error), pending (never
-submitted). The files (`runs/<run_id>/launch.json`, `submissions.jsonl`) are written by
-launch/executors.py; this module only reads them and asks SLURM (`sacct`, `squeue`) in one call.
+submitted). `runs/<run_id>/launch.json` is written by launch/executors.py, `submissions.jsonl`
+by the sweep driver; this module only reads them (through steplaw_train/rundir.py) and asks SLURM
+(`sacct`, `squeue`) in one call. A damaged result.json is "failed" with the problem as detail.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from steplaw_train import rundir
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 
 STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
@@ -56,16 +57,8 @@ class RunStatus:
     log: Path | None = None  # the last attempt's log (stderr) for failures
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def attempts(run_dir: Path) -> list[dict]:
-    rec = read_json(run_dir / "launch.json")
-    return list(rec.get("attempts", [])) if rec else []
+    return rundir.read_attempts(run_dir)
 
 
 # ---- the scheduler's view ----------------------------------------------------------------------
@@ -137,10 +130,13 @@ def _pid_alive(pid: int | None, started: float | None = None) -> bool:
 # ---- one run -----------------------------------------------------------------------------------
 def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) -> RunStatus:
     rid = run_dir.name
-    result = read_json(run_dir / "result.json")
     tries = attempts(run_dir)
     last = tries[-1] if tries else {}
     job = last.get("job_id")
+    try:
+        result = rundir.read_result(run_dir)
+    except rundir.CorruptRecord as e:
+        return RunStatus(rid, "failed", len(tries), job, str(e))
     if result is not None:
         state = "diverged" if result.get("status") == "diverged" else "done"
         return RunStatus(rid, state, len(tries), job, f"loss={result.get('smooth_loss')}")
@@ -172,16 +168,18 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
 
 def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
     """States of the given runs; one sacct + one squeue call for the whole sweep."""
-    runs = sweep_dir / "runs"
     # one listing instead of three failed opens per run that was never recorded (a fresh grid
     # of 42,000 runs): those are pending
+    runs = Path(sweep_dir) / rundir.RUNS
     present = set(os.listdir(runs)) if runs.is_dir() else set()
     ids = list(run_ids)
-    tries = {r: attempts(runs / r) for r in ids if r in present}
+    tries = {r: attempts(rundir.run_dir(sweep_dir, r)) for r in ids if r in present}
     jobs = [t[-1]["job_id"] for t in tries.values() if t and t[-1].get("executor") == "slurm"]
     slurm = slurm_states(jobs)
     return [
-        run_state(runs / r, slurm) if r in present else RunStatus(r, "pending", 0, None)
+        run_state(rundir.run_dir(sweep_dir, r), slurm)
+        if r in present
+        else RunStatus(r, "pending", 0, None)
         for r in ids
     ]
 
