@@ -66,6 +66,10 @@ def env(tmp_path_factory):
 
 
 def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
+    # the SLURM launcher's warning delay; a reference run on another launcher (launcher=debug)
+    # must not carry it (the launcher section's keys are checked)
+    other = any(o.startswith("launcher=") and o != "launcher=slurm" for o in overrides)
+    slurm_only = [] if other else ["++launcher.signal_delay_s=30"]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(
             "sweep",
@@ -75,7 +79,7 @@ def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
                 "launcher=slurm",
                 f"sweep_dir={sweep_dir}",
                 f"options.data_root={data_root}",
-                "++launcher.signal_delay_s=30",
+                *slurm_only,
                 *overrides,
             ],
         )
