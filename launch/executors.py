@@ -17,6 +17,7 @@ paths, end state) so that launch/status.py can tell queued, running, failed and 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -56,6 +57,9 @@ class SlurmSettings:
     max_array_size: int | None = None  # None: the cluster's MaxArraySize (scontrol)
     signal_delay_s: int = 120
     max_num_timeout: int = 20
+    max_walltime_min: int | None = None  # the cluster's longest job where scontrol hides it
+    # more sbatch options per resource class: {fnmatch pattern on the class label: {opt: value}}
+    additional_by_class: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ def launcher_settings(section: Mapping[str, Any] | None) -> tuple[str, Any]:
         kept["setup"] = tuple(kept["setup"] or ())
     if "additional" in kept:
         kept["additional"] = dict(kept["additional"] or {})
+    if "additional_by_class" in kept:
+        kept["additional_by_class"] = {
+            str(k): dict(v or {}) for k, v in (kept["additional_by_class"] or {}).items()
+        }
     try:
         return resolved, cls(**kept)
     except TypeError as e:
@@ -210,6 +218,7 @@ LAUNCHER_INTS = (
     ("max_array_size", 2),
     ("signal_delay_s", 0),
     ("max_num_timeout", 0),
+    ("max_walltime_min", 1),
 )
 
 
@@ -224,6 +233,12 @@ def check_launcher(lc: Mapping[str, Any]) -> None:
     for key in ("setup",):
         if not isinstance(lc.get(key) or [], list):
             raise SpecError(f"launcher.{key}", f"must be a list of shell lines, got {lc[key]!r}")
+    for pattern, options in (lc.get("additional_by_class") or {}).items():
+        if not isinstance(options, Mapping):
+            raise SpecError(
+                f"launcher.additional_by_class.{pattern}",
+                f"must map sbatch options to values, got {options!r}",
+            )
     if not isinstance(lc.get("additional") or {}, Mapping):
         raise SpecError(
             "launcher.additional", f"must be a mapping of sbatch options, got {lc['additional']!r}"
@@ -252,12 +267,17 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
         if v
     }
     extra.update(dict(lc.get("additional") or {}))
+    extra.update(class_additional(rc, lc.get("additional_by_class")))
     setup = list(lc.get("setup") or [])
+    cpus = max(1, rc.cpus_per_task // rc.tasks_per_node)
     params: dict[str, Any] = {
         "timeout_min": rc.timeout_min,
         "nodes": rc.nodes,
         "tasks_per_node": rc.tasks_per_node,
-        "cpus_per_task": max(1, rc.cpus_per_task // rc.tasks_per_node),
+        "cpus_per_task": cpus,
+        # srun of Slurm 22.05-23.02 does not inherit sbatch's --cpus-per-task: without this each
+        # rank may be pinned to one CPU (its data loader and threads starved)
+        "slurm_srun_args": [f"--cpus-per-task={cpus}"],
         "slurm_signal_delay_s": int(lc.get("signal_delay_s", 120)),
         "slurm_array_parallelism": int(lc.get("array_parallelism", 256)),
         "slurm_setup": setup,
@@ -270,6 +290,22 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
     if lc.get("mem_gb"):
         params["mem_gb"] = lc["mem_gb"]
     return params
+
+
+def class_additional(rc: ResourceClass, by_class: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The extra sbatch options of `launcher.additional_by_class` whose pattern (fnmatch, on the
+    class label such as `2x8gpu/1440min`) matches this class, in the order given: `exclusive`
+    for whole-node jobs (`*x8gpu/*`) without giving each 1-GPU job a node."""
+    out: dict[str, Any] = {}
+    for pattern, options in (by_class or {}).items():
+        if not isinstance(options, Mapping):
+            raise SpecError(
+                f"launcher.additional_by_class.{pattern}",
+                f"must map sbatch options to values, got {options!r}",
+            )
+        if fnmatch.fnmatchcase(rc.label(), str(pattern)):
+            out.update(options)
+    return out
 
 
 # ---- submission (side effects) -----------------------------------------------------------------
@@ -331,7 +367,10 @@ class SlurmLauncher(Launcher):
             ex = submitit.AutoExecutor(
                 folder=self.sweep_dir / "logs",
                 cluster="slurm",
-                slurm_max_num_timeout=int(self.settings.max_num_timeout),
+                # a run chained over `segments` jobs is requeued at each but the last limit
+                slurm_max_num_timeout=int(self.settings.max_num_timeout)
+                + chunk.resources.segments
+                - 1,
             )
             ex.update_parameters(
                 name=f"steplaw_{self.sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
@@ -523,6 +562,10 @@ def build_launcher(
     """The launcher the `launcher:` section asks for (auto resolved), validated."""
     name, settings = launcher_settings(section)
     cls = LAUNCHER_CLASSES[name]
+    if name == "slurm":  # never ask for more time than the partition / QOS allows
+        from launch import slurm_info
+
+        resources = slurm_info.with_cluster_limits(resources, asdict(settings))
     return cls(
         name, settings, Path(sweep_dir), options, resources, blocking=cls is not SlurmLauncher
     )

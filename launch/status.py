@@ -10,6 +10,7 @@ by the sweep driver; this module only reads them (through steplaw_train/rundir.p
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -167,10 +168,20 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
 
 def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
     """States of the given runs; one sacct + one squeue call for the whole sweep."""
-    dirs = [rundir.run_dir(sweep_dir, r) for r in run_ids]
-    jobs = [a["job_id"] for d in dirs for a in attempts(d)[-1:] if a.get("executor") == "slurm"]
+    # one listing instead of three failed opens per run that was never recorded (a fresh grid
+    # of 42,000 runs): those are pending
+    runs = Path(sweep_dir) / rundir.RUNS
+    present = set(os.listdir(runs)) if runs.is_dir() else set()
+    ids = list(run_ids)
+    tries = {r: attempts(rundir.run_dir(sweep_dir, r)) for r in ids if r in present}
+    jobs = [t[-1]["job_id"] for t in tries.values() if t and t[-1].get("executor") == "slurm"]
     slurm = slurm_states(jobs)
-    return [run_state(d, slurm) for d in dirs]
+    return [
+        run_state(rundir.run_dir(sweep_dir, r), slurm)
+        if r in present
+        else RunStatus(r, "pending", 0, None)
+        for r in ids
+    ]
 
 
 def stopped_on_signal(log: Path | None) -> bool:

@@ -39,6 +39,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_master_addr() -> str:
+    """Where ranks meet when nothing said so: the job's first node under SLURM (a multi-node job
+    launched by plain srun; submitit's jobs export MASTER_ADDR themselves), else this machine.
+    127.0.0.1 on a second node is that node's own loopback: the ranks would never meet."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist and int(os.environ.get("SLURM_NNODES", "1")) > 1:
+        import subprocess
+
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    return "127.0.0.1"
+
+
 def _env_int(*names: str, default: int) -> int:
     for n in names:
         if os.environ.get(n):
@@ -73,7 +89,7 @@ def init(use_cuda: bool) -> World:
             # environment makes submitit refuse to set up a multi-task job)
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_ADDR", _default_master_addr())
             os.environ.setdefault("MASTER_PORT", "29500")
             init_method = "env://"
         if use_cuda:

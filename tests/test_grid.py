@@ -16,6 +16,7 @@ from steplaw_train import grid as g
 from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import expand_from_cfg
+from steplaw_train.train import auto_micro_batch
 
 GRIDS = sorted(p.stem for p in (config_dir() / "grid").glob("*.yaml"))
 SHARED = Path(os.environ.get("STEPLAW_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -136,21 +137,25 @@ def test_array_plan_groups_by_resource_class_and_splits():
     assert len(small) == sum(math.ceil(n / 100) for n in by_class.values())
 
 
-def test_gpus_never_exceed_what_the_batch_can_be_split_over():
-    """More GPUs than the batch can be split over would fail on the cluster after the queue:
-    the resource model caps a run's GPUs at the largest power of two dividing its batch size."""
+def test_gpus_keep_whole_micro_batches_of_seqs_per_gpu_sequences():
+    """More GPUs than the batch can be split over would fail on the cluster after the queue, and
+    fewer than seqs_per_gpu sequences per GPU leave it communication-bound: a run's GPUs are the
+    largest power of two leaving each GPU whole micro-batches of seqs_per_gpu (8) sequences."""
     specs = expand_from_cfg(sweep_cfg("+grid=dense_1b"))
     fast = resource_model({"target_hours": 2.0})  # wants 128 GPUs for the 100B-token cell
     big = [s for s in specs if s.D == 1e11]
     by_bs = {s.train.batch_size: resource_class(s, fast) for s in big}
-    assert by_bs[2048].data_parallel == 128 and by_bs[2048].nodes == 16
-    assert by_bs[352].data_parallel == 32  # 352 = 11 x 32
-    assert by_bs[192].data_parallel == 64 and by_bs[32].data_parallel == 32
+    assert by_bs[2048].data_parallel == 128 and by_bs[2048].nodes == 16  # max_nodes
+    assert by_bs[352].data_parallel == 4  # 352 = 44 x 8: 88 sequences = 11 micro-batches of 8
+    assert by_bs[192].data_parallel == 8 and by_bs[32].data_parallel == 4
     # fewer GPUs, proportionally longer walltime
-    assert by_bs[352].timeout_min > by_bs[2048].timeout_min
+    assert by_bs[352].timeout_min >= by_bs[2048].timeout_min
     for s in big:
         rc = resource_class(s, fast)
+        per_rank = s.train.batch_size // rc.data_parallel
         assert s.train.batch_size % rc.data_parallel == 0
+        assert auto_micro_batch(per_rank, 8) == 8  # the trainer's micro-batch: the full 8
+    assert resource_class(big[0], resource_model({"seqs_per_gpu": 1})).data_parallel > 4
     chunks = plan_arrays(big, fast, max_array_size=1001)  # validates against each class
     assert sum(len(c.run_ids) for c in chunks) == len(big)
 
@@ -158,7 +163,7 @@ def test_gpus_never_exceed_what_the_batch_can_be_split_over():
 def test_a_micro_batch_the_ranks_cannot_use_fails_before_submission():
     specs = [s for s in expand_from_cfg(sweep_cfg("+grid=dense_1b")) if s.D == 1e11]
     rm = resource_model({"target_hours": 2.0})
-    bs32 = [s for s in specs if s.train.batch_size == 32]  # 32 GPUs, 1 sequence per rank
+    bs32 = [s for s in specs if s.train.batch_size == 32]  # 4 GPUs, 8 sequences per rank
     with pytest.raises(SpecError) as e:
-        plan_arrays(bs32, rm, max_array_size=1001, micro_batch_size=2)
-    assert e.value.field == "train.batch_size" and "2*32" in str(e.value)
+        plan_arrays(bs32, rm, max_array_size=1001, micro_batch_size=16)
+    assert e.value.field == "train.batch_size" and "16*4" in str(e.value)

@@ -21,14 +21,15 @@ LAUNCHER = {
     "qos": "normal",
     "constraint": "h800",
     "setup": ["module load cuda/12.4"],
-    "additional": {"exclusive": True},
+    "additional_by_class": {"*x8gpu/*": {"exclusive": True}},  # whole-node jobs only
     "array_parallelism": 64,
     "signal_delay_s": 120,
 }
 
 
 def render(tmp: Path) -> str:
-    rc = ResourceClass(nodes=2, gpus_per_node=8, cpus_per_task=64, timeout_min=2048)
+    # a 2-node job of dense_1b planned for a 24 h partition (a run needing longer chains)
+    rc = ResourceClass(nodes=2, gpus_per_node=8, cpus_per_task=64, timeout_min=1440, segments=2)
     ex = submitit.AutoExecutor(folder=tmp / "logs", cluster="slurm")
     ex.update_parameters(name="steplaw_dense_1b", **slurm_parameters(rc, LAUNCHER))
     ex._executor.parameters["map_count"] = 120  # what map_array sets for a 120-task array
@@ -47,10 +48,22 @@ def test_sbatch_script_matches_golden(tmp_path):
         "#SBATCH --nodes=2",
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --ntasks-per-node=8",
-        "#SBATCH --time=2048",
+        "#SBATCH --time=1440",
+        "#SBATCH --exclusive",
+        "#SBATCH --cpus-per-task=8",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=steplaw",
         "module load cuda/12.4",
         "#SBATCH --array=0-119%64",
     ):
         assert line in text, line
+    # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch
+    (srun,) = [x for x in text.splitlines() if x.startswith("srun ")]
+    assert "--cpus-per-task=8" in srun
+
+
+def test_per_class_extras_leave_one_gpu_jobs_their_share_of_a_node(tmp_path):
+    one = ResourceClass(nodes=1, gpus_per_node=1, cpus_per_task=8, timeout_min=60)
+    params = slurm_parameters(one, LAUNCHER)
+    assert "exclusive" not in params["slurm_additional_parameters"]
+    assert params["slurm_srun_args"] == ["--cpus-per-task=8"]

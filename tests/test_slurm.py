@@ -1,4 +1,4 @@
-"""Acceptance on a real single-node SLURM (.ci/slurm-up.sh): arrays, requeue resume, idempotence,
+"""Acceptance on a real SLURM (.ci/slurm-up.sh; two CPU nodes, see also test_slurm_multinode.py): arrays, requeue resume, idempotence,
 failures and retry, one wandb run per run_id. CPU demo shapes with a few thousand tokens per run.
 
 Skipped only when no cluster answers and STEPLAW_REQUIRE_SLURM is unset; with it set (CI), a
@@ -66,6 +66,10 @@ def env(tmp_path_factory):
 
 
 def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
+    # the SLURM launcher's warning delay; a reference run on another launcher (launcher=debug)
+    # must not carry it (the launcher section's keys are checked)
+    other = any(o.startswith("launcher=") and o != "launcher=slurm" for o in overrides)
+    slurm_only = [] if other else ["++launcher.signal_delay_s=30"]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(
             "sweep",
@@ -75,7 +79,7 @@ def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
                 "launcher=slurm",
                 f"sweep_dir={sweep_dir}",
                 f"options.data_root={data_root}",
-                "++launcher.signal_delay_s=30",
+                *slurm_only,
                 *overrides,
             ],
         )
@@ -220,9 +224,9 @@ def test_two_task_job_trains_data_parallel_across_slurm_tasks(env, monkeypatch):
 
 
 def test_partition_preemption_requeues_and_the_run_resumes_bitwise(env):
-    """A job of the higher-priority partition (`urgent`) needs every CPU: SLURM preempts the
-    run's job (SIGTERM, GraceTime, requeue); the run checkpoints, comes back and ends with the
-    losses of an uninterrupted run."""
+    """A job of the higher-priority partition (`urgent`) needs every CPU of every node: SLURM
+    preempts the run's job (SIGTERM, GraceTime, requeue); the run checkpoints, comes back and
+    ends with the losses of an uninterrupted run."""
     long = "grid.blocks=[{model:[demo_dense_small],tokens:[196608],lr:[0.003],batch_size:[4]}]"
     sw = env / "swpreempt"
     res = sweep(cfg_for(sw, env / "data", long, "options.checkpoint_interval=8"))
@@ -233,8 +237,13 @@ def test_partition_preemption_requeues_and_the_run_resumes_bitwise(env):
         assert time.time() < deadline, "no checkpoint written"
         time.sleep(0.5)
     ncpu = os.cpu_count() or 1
+    # every CPU of every node of the partition: whichever node the run is on, it is in the way
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-p", "urgent", "-o", "%D"], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
     urgent = subprocess.run(
-        ["sbatch", "--parsable", "-p", "urgent", "-n", "1", "-c", str(ncpu)]
+        ["sbatch", "--parsable", "-p", "urgent", "-N", nodes, "--ntasks-per-node", "1"]
+        + ["-c", str(ncpu)]
         + ["-o", str(env / "urgent-%j.out"), "--wrap", "sleep 5"],
         capture_output=True,
         text=True,

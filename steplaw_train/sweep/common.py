@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch import executors, status
+from launch import disk, executors, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
 from steplaw_train import atomic, rundir
 from steplaw_train import config as config_mod
@@ -79,6 +79,50 @@ def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
     return grid_mod.expand(plain(g), base_model, base_data, plain(cfg.train), micro_batch_size=mbs)
 
 
+def write_dry_run_files(
+    cfg: Any,
+    setup: Setup,
+    statuses: Sequence[status.RunStatus],
+    todo: Sequence[RunSpec],
+    out: Any,
+) -> None:
+    """`dry_run_list=PATH` (.csv/.json): every run; `dry_run_sbatch=DIR`: the scripts of the job
+    arrays the submission would make (launch/dryrun.py)."""
+    from launch import dryrun
+
+    rm = setup.resources
+    if cfg.get("dry_run_list"):
+        states = {s.run_id: s.state for s in statuses}
+        path = Path(str(cfg.dry_run_list)).expanduser()
+        dryrun.write_rows(dryrun.run_rows(setup.specs, states, rm), path)
+        print(f"{len(setup.specs)} runs listed in {path}", file=out)
+    if cfg.get("dry_run_sbatch"):
+        lc = asdict(setup.launcher.settings)
+        max_array = int(lc.get("max_array_size") or 1001)
+        chunks = executors.plan_arrays(todo, rm, max_array, setup.options.micro_batch_size)
+        where = Path(str(cfg.dry_run_sbatch)).expanduser()
+        name = f"steplaw_{setup.sweep_dir.name}"
+        paths = dryrun.write_scripts(chunks, lc, setup.sweep_dir / "logs", name, where)
+        print(f"{len(paths)} sbatch scripts (one per job array) in {where}", file=out)
+
+
+def disk_line(setup: Setup, todo: Sequence[RunSpec], batch_calls: int) -> str:
+    """The checkpoints' disk at the end and at the peak (launch/disk.py)."""
+    settings = setup.launcher.settings
+    if setup.launcher.name == "slurm":
+        in_flight = int(settings.array_parallelism) * batch_calls
+    else:
+        in_flight = int(getattr(settings, "parallelism", 1))
+    room = disk.sweep_disk(
+        setup.specs,
+        todo,
+        setup.options.keep_checkpoints,
+        in_flight,
+        setup.resources.gpus_per_node > 0,
+    )
+    return room.describe()
+
+
 def check_sweep_fields(cfg: Any) -> None:
     """The sweep's own top-level fields, before anything is read or written."""
     from steplaw_train.spec import check_int
@@ -102,6 +146,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     resources = resource_model(cfg.get("resources"))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
+    resources = launcher.resources  # capped at the cluster's time limit (SLURM)
     return Setup(
         specs=tuple(specs),
         sweep_dir=sweep_dir,

@@ -27,12 +27,14 @@ from steplaw_train.sweep import guided
 from steplaw_train.sweep.common import (
     SweepResult,
     check_data,
+    disk_line,
     plain,
     record_submission,
     record_sweep,
     select,
     setup_from_cfg,
     table,
+    write_dry_run_files,
 )
 
 
@@ -55,10 +57,11 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
     specs, launcher = setup.specs, setup.launcher
     statuses = status.sweep_states(setup.sweep_dir, [s.run_id for s in specs])
     todo_ids = select(statuses, setup.retry_failed, setup.max_retries)
-    todo = [s for s in specs if s.run_id in set(todo_ids)]
-    text = table(
-        specs, statuses, set(todo_ids), setup.resources, launcher.name, launcher.plan(todo)
-    )
+    todo_set = set(todo_ids)  # once: a set per spec made planning quadratic in the grid
+    todo = [s for s in specs if s.run_id in todo_set]
+    calls = launcher.plan(todo)
+    text = table(specs, statuses, todo_set, setup.resources, launcher.name, calls)
+    text += "\n" + disk_line(setup, todo, calls)
     print(text, file=out)
     result = SweepResult(
         sweep_dir=setup.sweep_dir,
@@ -72,6 +75,7 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
         table=text,
     )
     if setup.dry_run:
+        write_dry_run_files(cfg, setup, statuses, todo, out)
         return result
     check_data(todo, setup.options)
     record_sweep(setup.sweep_dir, cfg, specs)
