@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -33,4 +34,13 @@ class RunOptions:
     wandb_group: str | None = None  # the sweep name; None for a lone run
     wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else "offline"
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    # auto = CUDA when available; "cuda" fails loudly without it (the local launcher sets it for
+    # the runs it gives a GPU); "cpu" trains on the CPU even where GPUs are visible
+    device: str = "auto"
+    # GPU only: bitwise-reproducible kernels (TE attention backward without atomics, megatron
+    # deterministic_mode, torch deterministic algorithms, NCCL ring); slower (docs/gpu.md)
+    deterministic: bool = False
+    # None = on GPU only (docs/design.md); True on CPU exercises the GPU path's sharded
+    # optimizer state and checkpoints on gloo ranks (tests)
+    distributed_optimizer: bool | None = None
     extra: dict = field(default_factory=dict)  # free-form tags recorded in result.json

@@ -1,6 +1,7 @@
 """`python -m steplaw_train.sweep +grid=NAME [launcher=local|slurm|debug] [dry_run=true] ...`
 
-Expand the grid, validate every spec before anything runs, skip what is finished or queued,
+Expand the grid, validate every spec (and build megatron's config for every model shape) before
+anything runs, skip what is finished or queued,
 print a dry-run table, record the sweep (resolved config, manifest, runs/<run_id>/spec.json) and
 hand the rest to launch/. `main` is a thin Hydra shell over `sweep(cfg)`, which tests call with a
 composed config. Which runs go out:
@@ -74,6 +75,18 @@ def check_data(specs: Sequence[RunSpec], options: RunOptions) -> None:
 
     for data in {s.data for s in specs}:
         check(data, options.data_root)
+
+
+def check_models(specs: Sequence[RunSpec]) -> int:
+    """Build megatron's TransformerConfig once per distinct model shape (dry run included):
+    megatron validates many settings only at construction, and a preset it rejects must fail
+    here, not in every job after its queue wait. Returns the number of shapes built."""
+    from steplaw_train.model import check_buildable
+
+    models = {s.model for s in specs}
+    for model in sorted(models, key=lambda m: m.name):
+        check_buildable(model)
+    return len(models)
 
 
 def table(
@@ -159,6 +172,7 @@ def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
     lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
     launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    print(f"megatron configs built for {check_models(specs)} model shape(s)", file=out)
     if str((cfg.get("search") or {}).get("name", "full")) != "full":  # search=guided
         from steplaw_train import guided
 
