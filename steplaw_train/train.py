@@ -238,16 +238,20 @@ def host_batches(dataset, start_sample: int, global_batch: int, rank: int, plan:
         base += global_batch
 
 
-def prefetched(source, depth: int):
+def prefetched(source, depth: int, on_start=None):
     """Items of `source` built ahead by a background thread, at most `depth` waiting; same
     order. The producer's exceptions are re-raised here. (The dataset's __getitem__ is numpy
-    reads that release the GIL, so the next step's batches are built during this one.)"""
+    reads that release the GIL, so the next step's batches are built during this one.)
+    `on_start` runs first in the thread (the CUDA device is per thread: pinning memory from a
+    thread left on device 0 would open a context there for every rank of the node)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
 
     def produce() -> None:
         try:
+            if on_start is not None:
+                on_start()
             for item in source:
                 while not stop.is_set():
                     try:
@@ -285,7 +289,9 @@ def batch_iterator(dataset, start_sample: int, global_batch: int, rank: int, pla
         yield from host_batches(dataset, start_sample, global_batch, rank, plan, pin=False)
         return
     host = host_batches(dataset, start_sample, global_batch, rank, plan, pin=True)
-    for batch in prefetched(host, depth=2 * plan.num_microbatches):
+    for batch in prefetched(
+        host, depth=2 * plan.num_microbatches, on_start=lambda: torch.cuda.set_device(device)
+    ):
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

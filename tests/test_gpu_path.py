@@ -290,3 +290,40 @@ def test_index_builds_of_different_entries_do_not_wait_for_each_other(data_root)
         released = time.monotonic()
     same.join(timeout=60)
     assert done[100] >= released > t0
+
+
+# ---- the GPU path's batch prefetch (runs on CPU: it is plain threading) ---------------------------
+def test_prefetch_keeps_order_reraises_and_stops_with_its_consumer():
+    from steplaw_train.train import prefetched
+
+    started = []
+    assert list(prefetched(iter(range(50)), depth=3, on_start=lambda: started.append(1))) == list(
+        range(50)
+    )
+    assert started == [1]
+
+    def broken():
+        yield 1
+        raise ValueError("bad sample")
+
+    it = prefetched(broken(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad sample"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = prefetched(endless(), depth=2)
+    assert [next(gen) for _ in range(5)] == [0, 1, 2, 3, 4]
+    gen.close()  # the consumer goes away: the producer thread must stop, not run on
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.5)
+    assert len(produced) == n <= 5 + 2 + 2
