@@ -13,8 +13,9 @@ Harness-cost ratio (target >= 0.97): tokens/s of the full training loop (`train.
 iterator, metrics and wandb every step, the divergence guard, signal agreement and checkpoint
 decisions) over tokens/s of a bare megatron-core loop (zero grads, forward/backward schedule,
 optimizer step) on the same model, optimizer and micro-batching with one fixed batch already on
-the device. Both run in fresh processes, alternated `--repeats` times; the first `--warmup`
-steps are left out of both. The script prints what it measured and what it could not.
+the device. Both run in one fresh process per shape, alternated `--repeats` times (drift and
+noise from other processes hit both alike); the first `--warmup` steps are left out of both.
+The script prints what it measured and what it could not.
 """
 
 from __future__ import annotations
@@ -54,31 +55,31 @@ def bench_options(data_root, threads, mbs, wandb):
                       num_threads=threads or None, max_micro_batch=mbs)
 """
 
-FULL = (
+PAIRS = (
     COMMON
     + """
-from steplaw_train.train import run
-preset, seq, bs, steps, mbs, data_root, threads, out, result = sys.argv[1:10]
-spec = bench_spec(preset, int(seq), int(bs), int(steps))
-if __name__ == "__main__":
-    run(spec, out, bench_options(data_root, int(threads), int(mbs), "offline"))
-    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    derived = json.loads((Path(out) / "spec.json").read_text())["derived"]
-    Path(result).write_text(json.dumps({"rows": rows, "derived": derived}))
-"""
-)
-
-BARE = (
-    COMMON
-    + """
+import gc
+import shutil
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from steplaw_train import distributed
 from steplaw_train.train import build_components, build_dataset, forward_step, host_batches
-from steplaw_train.train import make_plan
-preset, seq, bs, steps, mbs, data_root, threads, warmup, result = sys.argv[1:10]
-spec = bench_spec(preset, int(seq), int(bs), int(steps))
-opts = bench_options(data_root, int(threads), int(mbs), "disabled")
-if __name__ == "__main__":
+from steplaw_train.train import make_plan, run
+preset, seq, bs, steps, mbs, data_root, threads, warmup, repeats, tmp, result = sys.argv[1:12]
+steps, warmup = int(steps), int(warmup)
+spec = bench_spec(preset, int(seq), int(bs), steps)
+
+def full(i):
+    out = Path(tmp) / f"run{i}"
+    run(spec, out, bench_options(data_root, int(threads), int(mbs), "offline"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    derived = json.loads((out / "spec.json").read_text())["derived"]
+    shutil.rmtree(out)
+    steady = rows[warmup:]  # log_interval 1: one row per step, its rate over its wall time
+    seconds = sum(spec.tokens_per_step / r["tokens_per_s"] for r in steady)
+    return len(steady) * spec.tokens_per_step / seconds, derived
+
+def bare():
+    opts = bench_options(data_root, int(threads), int(mbs), "disabled")
     use_cuda = torch.cuda.is_available()
     if opts.num_threads:
         torch.set_num_threads(opts.num_threads)
@@ -86,44 +87,64 @@ if __name__ == "__main__":
         from steplaw_train import _cpu_compat
         _cpu_compat.apply()
     world = distributed.init(use_cuda)
-    distributed.set_seed(spec.train.seed, use_cuda)
-    plan = make_plan(spec, opts, use_cuda, 1)
-    model, optimizer, _ = build_components(spec, plan)
-    it = host_batches(build_dataset(spec, opts), 0, spec.train.batch_size, 0, plan, pin=False)
-    batch = [{k: v.to(world.device) for k, v in next(it).items()}
-             for _ in range(plan.num_microbatches)]
-    fwd_bwd = get_forward_backward_func()
-    sync = torch.cuda.synchronize if use_cuda else (lambda: None)
-    marks = []
-    for step in range(int(steps)):
-        if step == int(warmup):
-            sync()
-            marks.append(time.perf_counter())
-        model.train()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batch), model=[model],
-                num_microbatches=plan.num_microbatches, seq_length=spec.train.seq_len,
-                micro_batch_size=plan.micro_batch_size, forward_only=False)
-        optimizer.step()
-    sync()
-    marks.append(time.perf_counter())
-    timed = int(steps) - int(warmup)
-    Path(result).write_text(json.dumps({
-        "tokens_per_s": timed * spec.tokens_per_step / (marks[1] - marks[0]),
-        "micro_batch": plan.micro_batch_size,
-    }))
-    distributed.shutdown()
+    try:
+        distributed.set_seed(spec.train.seed, use_cuda)
+        plan = make_plan(spec, opts, use_cuda, 1)
+        model, optimizer, _ = build_components(spec, plan)
+        it = host_batches(build_dataset(spec, opts), 0, spec.train.batch_size, 0, plan, False)
+        batch = [{k: v.to(world.device) for k, v in next(it).items()}
+                 for _ in range(plan.num_microbatches)]
+        fwd_bwd = get_forward_backward_func()
+        sync = torch.cuda.synchronize if use_cuda else (lambda: None)
+        for step in range(steps):
+            if step == warmup:
+                sync()
+                t0 = time.perf_counter()
+            model.train()
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            fwd_bwd(forward_step_func=forward_step, data_iterator=iter(batch), model=[model],
+                    num_microbatches=plan.num_microbatches, seq_length=spec.train.seq_len,
+                    micro_batch_size=plan.micro_batch_size, forward_only=False)
+            optimizer.step()
+        sync()
+        return (steps - warmup) * spec.tokens_per_step / (time.perf_counter() - t0)
+    finally:
+        distributed.shutdown()
+
+if __name__ == "__main__":
+    fulls, bares, derived = [], [], None
+    for i in range(int(repeats)):  # alternated in one process: drift and noise hit both alike
+        f, derived = full(i)
+        fulls.append(f)
+        gc.collect()  # the finished run's model and optimizer, before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        bares.append(bare())
+        gc.collect()
+    Path(result).write_text(json.dumps({"full": fulls, "bare": bares, "derived": derived}))
 """
 )
 
 
-def _child(code: str, args: list, timeout: float) -> dict:
+def pairs(
+    case: dict,
+    steps: int,
+    warmup: int,
+    threads: int,
+    data_root: Path,
+    repeats: int,
+    timeout: float = 3600,
+) -> dict:
+    """tokens/s of the full loop and of the bare loop, alternated `repeats` times in one fresh
+    process (lists `full`, `bare`), and the run's derived figures."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
         env.setdefault("WANDB_DIR", tmp)
-        cmd = [sys.executable, "-W", "ignore", "-c", code, *map(str, args), str(result)]
+        args = [case["preset"], case["seq"], case["batch"], steps, case["mbs"], data_root]
+        args += [threads, warmup, repeats, tmp, result]
+        cmd = [sys.executable, "-W", "ignore", "-c", PAIRS, *map(str, args)]
         proc = subprocess.run(
             cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
         )
@@ -131,28 +152,6 @@ def _child(code: str, args: list, timeout: float) -> dict:
             tail = proc.stderr.decode(errors="replace")[-2500:]
             raise RuntimeError(f"benchmark child exited {proc.returncode}: {tail}")
         return json.loads(result.read_text())
-
-
-def full_loop(
-    case: dict, steps: int, warmup: int, threads: int, data_root: Path, timeout: float = 3600
-) -> dict:
-    """tokens/s of train.run over the steps after `warmup` (and the run's derived figures)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = [case["preset"], case["seq"], case["batch"], steps, case["mbs"], data_root, threads]
-        res = _child(FULL, [*args, Path(tmp) / "run"], timeout=timeout)
-    rows = res["rows"][warmup:]
-    # log_interval is 1: each row is one step, its rate that step's tokens over its wall time
-    per_step = res["rows"][0]["tokens"] / res["rows"][0]["step"]
-    seconds = sum(per_step / r["tokens_per_s"] for r in rows)
-    return {"tokens_per_s": len(rows) * per_step / seconds, "derived": res["derived"]}
-
-
-def bare_loop(
-    case: dict, steps: int, warmup: int, threads: int, data_root: Path, timeout: float = 3600
-) -> dict:
-    """tokens/s of the bare megatron-core loop on the same model and batch shape."""
-    args = [case["preset"], case["seq"], case["batch"], steps, case["mbs"], data_root, threads]
-    return _child(BARE, [*args, warmup], timeout=timeout)
 
 
 def flops_figures(case: dict, derived: dict, tokens_per_s: float, device: str) -> dict:
@@ -201,14 +200,8 @@ def main() -> None:
     print(f"device: {device}; torch {torch.__version__}; vocabulary {vocab}")
     figures = {"device": device, "torch": torch.__version__, "vocab": vocab, "cases": []}
     for case in cases:
-        full, bare, derived = [], [], None
-        for _ in range(args.repeats):
-            f = full_loop(case, args.steps, args.warmup, args.threads, data_root)
-            derived = f["derived"]
-            full.append(f["tokens_per_s"])
-            bare.append(
-                bare_loop(case, args.steps, args.warmup, args.threads, data_root)["tokens_per_s"]
-            )
+        res = pairs(case, args.steps, args.warmup, args.threads, data_root, args.repeats)
+        full, bare, derived = res["full"], res["bare"], res["derived"]
         tps_full, tps_bare = statistics.median(full), statistics.median(bare)
         fig = {
             **case,
