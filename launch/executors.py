@@ -235,9 +235,10 @@ def submit_slurm(
             name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
         )
         dirs = [str(sweep_dir / "runs" / r) for r in chunk.run_ids]
-        jobs = ex.map_array(
-            RunJob(), [by_id[r] for r in chunk.run_ids], dirs, [options] * len(dirs)
-        )
+        # a GPU job that finds no usable GPU must fail, not train on the node's CPU
+        gpu_job = chunk.resources.gpus_per_node and options.device == "auto"
+        opts = replace(options, device="cuda") if gpu_job else options
+        jobs = ex.map_array(RunJob(), [by_id[r] for r in chunk.run_ids], dirs, [opts] * len(dirs))
         for rid, job in zip(chunk.run_ids, jobs, strict=True):
             record_attempt(
                 sweep_dir / "runs" / rid,
@@ -356,7 +357,8 @@ def submit_local(
     per_run = gpus_per_local_run(lc.get("gpus_per_run", "auto"), gpu_ids, host_gpu_count())
     if per_run:
         parallelism = min(parallelism, len(gpu_ids))
-        options = replace(options, device="cuda")
+        if options.device == "auto":
+            options = replace(options, device="cuda")
     threads = lc.get("threads_per_run")
     if threads:
         options = replace(options, num_threads=int(threads))
