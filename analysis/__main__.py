@@ -18,7 +18,8 @@ def _report(args: argparse.Namespace) -> int:
         threshold=args.threshold, n_boot=args.n_boot, seed=args.seed, n_col=args.n,
         surface_window=args.surface_window, min_runs=args.min_runs, laws=tuple(args.law or ()),
     )  # fmt: skip
-    report.run(src, out, settings, figures=not args.no_figures, quiet=args.quiet)
+    report.run(src, out, settings, figures=not args.no_figures, quiet=args.quiet,
+               valley=args.valley, wandb_project=args.wandb)  # fmt: skip
     return 0
 
 
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--law", action="append", help="compare only these laws (repeatable)")
     r.add_argument("--no-figures", action="store_true")
+    r.add_argument("--valley", action="store_true", help="also the 3-D loss valley per cell")
+    r.add_argument(
+        "--wandb",
+        nargs="?",
+        const="steplaw",
+        metavar="PROJECT",
+        help="also log one job_type=analysis wandb run (offline unless WANDB_MODE=online)",
+    )
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_report)
     q = sub.add_parser("predict", help="Step Law lr and bs with bootstrap intervals")

@@ -141,15 +141,21 @@ def _released_moe(raw: pd.DataFrame) -> pd.DataFrame:
     df = _released_common(raw, _num(raw, "seq_len"))
     df["Na"] = _num(raw, "Na")
     df["M"] = _num(raw, "M")
-    df["iterations"] = _num(raw, "target_iter") if "target_iter" in raw else _num(raw, "ti")
-    df["steps"] = _num(raw, "final_iter") if "final_iter" in raw else _num(raw, "ti")
+    # target_iter is the planned iteration count, -1 when the authors did not set one: then the
+    # plan is ti (~ D / (bs * seq_len)), so "stopped short" can still be checked.
+    ti = _num(raw, "ti")
+    target = _num(raw, "target_iter") if "target_iter" in raw else ti
+    df["iterations"] = target.where(target > 0, ti)
+    df["steps"] = _num(raw, "final_iter") if "final_iter" in raw else ti
     df["model_name"] = raw["moe_name"].astype(str) if "moe_name" in raw else None
     df["recipe"] = None
     df["num_experts"] = _num(raw, "nume")
     df["topk"] = _num(raw, "topk")
     df["moe_ffnh"] = _num(raw, "moeh")
-    df["shared_ffnh"] = math.nan  # not in the release's columns
-    df["seed"] = _num(raw, "sed") if "sed" in raw else math.nan
+    # sed is the shared expert's FFN width (params.count reproduces the release's N, Na and M
+    # exactly with shared_ffnh = sed), not a seed; the release has no seed column
+    df["shared_ffnh"] = _num(raw, "sed") if "sed" in raw else 0
+    df["seed"] = math.nan
     return df
 
 

@@ -9,6 +9,12 @@ solved together as one batched normal-equation solve (no Python loop), which is 
 
 The bootstrap samples are stored in the authors' own format (`BOOT_COLUMNS`), so a report's fit
 and the published file are read by the same code (`StepLawFit.from_bootstrap_csv`).
+
+One point-estimate convention, the authors': a fitted law's coefficients are the mean of its
+bootstrap fits (their published constants are such means), so fit.json, the report's
+"Step Law (this fit)" row and `predict --fit REPORT` give the same law. Without bootstrap
+(n_boot = 0, as inside leave-one-cell-out) the estimate is the least-squares solution; fit.json
+says which (`point_estimate`) and keeps the least-squares exponents beside it.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class PowerLaw:
     coef: np.ndarray
     samples: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     n_points: int = 0
+    estimate: str = "least squares"  # or "bootstrap mean" (the module docstring)
+    least_squares: np.ndarray | None = None  # the full-data solution, kept for reference
 
     def _design(self, x: dict[str, float]) -> np.ndarray:
         return np.array([1.0] + [np.log(float(x[f])) for f in self.features])
@@ -93,9 +101,14 @@ class PowerLaw:
         terms = " · ".join(
             f"{f}^{e:.4g}" for f, e in zip(self.features, self.coef[1:], strict=True)
         )
-        return f"{self.target} = {np.exp(self.coef[0]):.4g} · {terms}"
+        with np.errstate(over="ignore"):  # an unidentifiable fit's constant can overflow: inf
+            return f"{self.target} = {np.exp(self.coef[0]):.4g} · {terms}"
 
     def to_dict(self) -> dict[str, object]:
+        with np.errstate(over="ignore"):
+            return self._to_dict()
+
+    def _to_dict(self) -> dict[str, object]:
         ci = self.coef_intervals()
         return {
             "target": self.target,
@@ -108,6 +121,10 @@ class PowerLaw:
             },
             "n_points": self.n_points,
             "n_boot": int(self.samples.shape[0]) if self.samples.ndim == 2 else 0,
+            "point_estimate": self.estimate,
+            "least_squares_exponents": None
+            if self.least_squares is None
+            else {f: float(e) for f, e in zip(self.features, self.least_squares[1:], strict=True)},
         }
 
 
@@ -121,9 +138,12 @@ def fit_power_law(
         raise ValueError(
             f"fit of {target} on {features} needs at least {X.shape[1]} points, got {len(data)}"
         )
+    ls, samples = lstsq(X, y), bootstrap_lstsq(X, y, n_boot, seed)
+    boot = samples.shape[0] > 0
     return PowerLaw(
-        target, features, lstsq(X, y), bootstrap_lstsq(X, y, n_boot, seed), n_points=len(data)
-    )
+        target, features, samples.mean(0) if boot else ls, samples, n_points=len(data),
+        estimate="bootstrap mean" if boot else "least squares", least_squares=ls,
+    )  # fmt: skip
 
 
 def optimal_points(
@@ -194,8 +214,8 @@ class StepLawFit:
         lr_s = df[BOOT_COLUMNS[:3]].to_numpy(float)
         bs_s = df[BOOT_COLUMNS[3:]].to_numpy(float)
         return cls(
-            lr=PowerLaw("lr", ("N", "D"), lr_s.mean(0), lr_s, len(df)),
-            bs=PowerLaw("bs_tokens", ("D",), bs_s.mean(0), bs_s, len(df)),
+            lr=PowerLaw("lr", ("N", "D"), lr_s.mean(0), lr_s, len(df), "bootstrap mean"),
+            bs=PowerLaw("bs_tokens", ("D",), bs_s.mean(0), bs_s, len(df), "bootstrap mean"),
             source=str(path),
         )
 

@@ -62,6 +62,11 @@ class Analysis:
     laws: tuple[laws_mod.Law, ...]
     surfaces: dict = field(default_factory=dict)
     robustness: dict[str, pd.DataFrame] = field(default_factory=dict)
+    not_identifiable: str | None = None  # why the fit's exponents say nothing (fit kept, unused)
+
+    @property
+    def fit_identifiable(self) -> bool:
+        return self.fit is not None and self.not_identifiable is None
 
 
 def fit_problem(cells: list[cells_mod.Cell], n_col: str) -> str | None:
@@ -80,6 +85,35 @@ def fit_problem(cells: list[cells_mod.Cell], n_col: str) -> str | None:
     return None
 
 
+IDENTIFY_STEPS = 0.5  # an input must span at least this many grid steps (ln) to carry an exponent
+
+
+def _median_log_step(values: list[np.ndarray]) -> float:
+    steps = [np.median(np.diff(np.log(np.unique(v)))) for v in values if np.unique(v).size > 1]
+    return float(np.median(steps)) if steps else math.nan
+
+
+def not_identifiable(cells: list[cells_mod.Cell], n_col: str) -> str | None:
+    """Why a fitted exponent cannot mean anything on these cells (None if every one can).
+
+    An input with exponent a moves the optimum by a × (its ln-range across cells). When that
+    range is below half the grid's ln step, an exponent of order one moves the optimum by less
+    than half a grid point, so the cells cannot tell exponents apart: the fit returns whatever
+    the noise implies (the MoE release's total N spans 0.26%: lr ∝ N^21.2, 95% CI [-50, 91]).
+    """
+    lr_step = _median_log_step([c.points["lr"].to_numpy(float) for c in cells])
+    bs_step = _median_log_step([c.points["bs_tokens"].to_numpy(float) for c in cells])
+    for name, col, step in ((n_col, "N", lr_step), ("D", "D", np.nanmax([lr_step, bs_step]))):
+        spread = float(np.ptp(np.log([c.inputs(n_col)[col] for c in cells])))
+        if np.isfinite(step) and spread < IDENTIFY_STEPS * step:
+            return (
+                f"{name} spans only {math.expm1(spread):.2%} across cells (ln range "
+                f"{spread:.3g} < {IDENTIFY_STEPS:g} × the grid's ln step {step:.3g}): its "
+                "exponent is not identifiable"
+            )
+    return None
+
+
 def analyse(source: str | Path, settings: Settings = Settings()) -> Analysis:
     """Collect, split into cells, fit, compare every law both ways, leave-one-cell-out."""
     settings.check()
@@ -89,17 +123,19 @@ def analyse(source: str | Path, settings: Settings = Settings()) -> Analysis:
     cell_table = pd.DataFrame([cells_mod.summary(c, settings.threshold) for c in cells])
     surfaces = {c.label: compare.fit_surface(c, settings.surface_window) for c in cells}
     problem = fit_problem(cells, settings.n_col)
-    fit = None
+    fit, unident = None, None
     if problem is None:
         fit = fit_step_law(
             cells, settings.threshold, settings.n_boot, settings.seed, settings.n_col
         )
+        unident = not_identifiable(cells, settings.n_col)
     laws = laws_mod.by_name(list(settings.laws))
-    compared = laws + ((compare.fitted_law(fit),) if fit is not None else ())
+    usable_fit = fit is not None and unident is None  # else: reported, never compared/plotted
+    compared = laws + ((compare.fitted_law(fit),) if usable_fit else ())
     gaps = compare.compare(cells, compared, settings.n_col, surfaces) if cells else pd.DataFrame()
     loo = (
         compare.leave_one_cell_out(cells, settings.threshold, settings.n_col, surfaces)
-        if problem is None and len(cells) > 3
+        if usable_fit and len(cells) > 3
         else pd.DataFrame()
     )
     rob = {}
@@ -111,7 +147,7 @@ def analyse(source: str | Path, settings: Settings = Settings()) -> Analysis:
         skipped_cells=skipped, cell_table=cell_table, gaps=gaps,
         gap_summary=compare.gap_summary(gaps) if not gaps.empty else pd.DataFrame(),
         loo=loo, fit=fit, fit_problem=problem, laws=compare.prepare_laws(cells, compared, settings.n_col),
-        surfaces=surfaces, robustness=rob,
+        surfaces=surfaces, robustness=rob, not_identifiable=unident,
     )  # fmt: skip
 
 
@@ -183,14 +219,23 @@ def summary(a: Analysis) -> dict:
             "surface_failed": {k: s.reason for k, s in a.surfaces.items() if not s.ok},
         },
         "gaps": gaps,
-        "fit": a.fit.to_dict() if a.fit is not None else {"skipped": a.fit_problem},
+        "fit": _fit_summary(a),
         "loo": {m: _stats(a.loo[f"gap_{m}"]) for m in compare.METHODS}
         if not a.loo.empty
-        else {"skipped": a.fit_problem or "needs more than 3 cells"},
+        else {"skipped": a.fit_problem or a.not_identifiable or "needs more than 3 cells"},
         "robustness": {axis: list(collect.AXES[axis]) for axis in a.robustness},
         "laws": laws_mod.as_records(a.laws),
     }
     out["caveats"] = caveats(out, a.runs)
+    return out
+
+
+def _fit_summary(a: Analysis) -> dict:
+    if a.fit is None:
+        return {"skipped": a.fit_problem}
+    out = a.fit.to_dict()
+    if a.not_identifiable:
+        out["not_identifiable"] = a.not_identifiable
     return out
 
 
@@ -226,6 +271,9 @@ def caveats(s: dict, runs: pd.DataFrame) -> list[str]:
             "them) are bounds, not estimates; widen the grid on that side"
         )
     fit = s.get("fit", {})
+    if "not_identifiable" in fit:
+        out.append(f"fit not identifiable: {fit['not_identifiable']}; it is not compared or "
+                   "plotted as a law")  # fmt: skip
     for name in ("lr", "bs", "bs_free"):
         for var, (lo, hi) in (fit.get(name, {}).get("exponents_ci95") or {}).items():
             if hi - lo > UNDETERMINED_CI_WIDTH:
@@ -299,8 +347,11 @@ def write_tables(a: Analysis, out: Path) -> None:
         )
 
 
-def write_figures(a: Analysis, out: Path, progress: bool = True) -> list[Path]:
-    """One heatmap per cell, the optimum-vs-N/D plots, gap bars, robustness views."""
+def write_figures(
+    a: Analysis, out: Path, progress: bool = True, valley: bool = False
+) -> list[Path]:
+    """Per cell the gap map beside the smoothed-loss map (and, with `valley`, the paper's 3-D
+    view); the optimum-vs-N/D plots (identifiable fits only), gap bars, robustness views."""
     written = []
     cells = a.cells
     if progress:
@@ -309,11 +360,18 @@ def write_figures(a: Analysis, out: Path, progress: bool = True) -> list[Path]:
         cells = track(cells, description="heatmaps", transient=True)
     for c in cells:
         preds = a.gaps[a.gaps["cell"] == c.label] if not a.gaps.empty else None
-        fig, ax = plots.new_figure(7.5, 5.5)
-        plots.heatmap(ax, c, preds, a.settings.threshold)
+        fig = plots.Figure(figsize=(14, 6.6), layout="constrained")
+        gap_ax, loss_ax = fig.subplots(1, 2)
+        plots.heatmap(gap_ax, c, preds, a.settings.threshold, a.settings.n_col)
+        plots.loss_map(loss_ax, c, a.settings.threshold, a.settings.n_col)
         written.append(out / "heatmaps" / f"{_slug(c.label)}.png")
         plots.save(fig, written[-1])
-    if a.fit is not None:
+        if valley:
+            fig = plots.Figure(figsize=(6.4, 5.2), layout="constrained")
+            plots.valley(fig.add_subplot(projection="3d"), c)
+            written.append(out / "valleys" / f"{_slug(c.label)}.png")
+            plots.save(fig, written[-1])
+    if a.fit is not None and a.fit_identifiable:
         pts = optimal_points(a.cells, a.settings.threshold, a.settings.n_col)
         for target, axis in (("lr", "N"), ("lr", "D"), ("bs_tokens", "D")):
             fig, ax = plots.new_figure()
@@ -334,12 +392,14 @@ def write_figures(a: Analysis, out: Path, progress: bool = True) -> list[Path]:
     return written
 
 
-def write_report(a: Analysis, out: str | Path, figures: bool = True, progress: bool = True) -> dict:
+def write_report(
+    a: Analysis, out: str | Path, figures: bool = True, progress: bool = True, valley: bool = False
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(a, out)
     if figures:
-        write_figures(a, out, progress)
+        write_figures(a, out, progress, valley)
     s = _finite_json(summary(a))
     atomic.write_text(out / "summary.json", json.dumps(s, indent=2, default=_json_default))
     return s
@@ -374,6 +434,8 @@ def print_summary(s: dict, out: Path | None = None) -> None:
     fit = s["fit"]
     if "skipped" in fit:
         con.print(f"fit skipped: {fit['skipped']}")
+    elif "not_identifiable" in fit:
+        con.print(f"[yellow]fit not identifiable[/]: {fit['not_identifiable']}")
     else:
         for k in ("lr", "bs", "bs_free"):
             if k in fit:
@@ -395,9 +457,15 @@ def _f(v: float | None) -> str:
 
 
 def run(source: str | Path, out: str | Path, settings: Settings = Settings(),
-        figures: bool = True, quiet: bool = False) -> dict:  # fmt: skip
+        figures: bool = True, quiet: bool = False, valley: bool = False,
+        wandb_project: str | None = None) -> dict:  # fmt: skip
+    """The report; with `wandb_project`, also one job_type=analysis wandb run (wandb_report)."""
     a = analyse(source, settings)
-    s = write_report(a, out, figures, progress=not quiet)
+    s = write_report(a, out, figures, progress=not quiet, valley=valley)
+    if wandb_project is not None:
+        from analysis import wandb_report
+
+        wandb_report.log_analysis(a, s, Path(out), wandb_project)
     if not quiet:
         print_summary(s, Path(out))
     return s

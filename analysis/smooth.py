@@ -6,9 +6,9 @@ the same function, so both agree by construction (see that module for the defini
 
 from steplaw_train.smoothing import (
     WINDOW_FRACTION,
-    WINDOW_STEPS,
+    WINDOW_MAX,
     smoothed_final_loss,
     smoothing_sigma,
 )
 
-__all__ = ["WINDOW_FRACTION", "WINDOW_STEPS", "smoothed_final_loss", "smoothing_sigma"]
+__all__ = ["WINDOW_FRACTION", "WINDOW_MAX", "smoothed_final_loss", "smoothing_sigma"]

@@ -3,20 +3,22 @@
 Rank and logger are decided once at construction: rank 0 gets a real `Logger`, every other rank a
 `NullLogger`, so the training loop logs unconditionally. wandb is imported lazily (~0.4 s) and
 runs offline unless the user configures otherwise; its run id is the run_id with
-`resume="allow"`, so a requeued job continues the same wandb run.
+`resume="allow"`, so a requeued job continues the same wandb run online. Offline, wandb cannot
+resume: each restart leaves its own offline-run folder, and `steplaw_train.wandb_export` is the
+path that yields one wandb run per run_id (it also owns the names, tags and axes used here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from steplaw_train import wandb_export as wx
 from steplaw_train.atomic import write_json as write_json_atomic  # noqa: F401  (re-exported)
 
 
@@ -50,7 +52,7 @@ class NullLogger:
     def summary(self, result: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
         pass
 
 
@@ -80,23 +82,23 @@ class Logger(NullLogger):
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        finite = {k: v for k, v in record.items() if not isinstance(v, float) or math.isfinite(v)}
+        finite = wx.finite(record)
         self._mirror("log", lambda w: w.log(finite, step=record["step"]))
 
     def summary(self, result: dict[str, Any]) -> None:
-        def put(w) -> None:
-            for k in ("status", "final_loss", "smooth_loss", "steps", "tokens", "wall_time_s"):
-                v = result.get(k)
-                if v is not None and (not isinstance(v, float) or math.isfinite(v)):
-                    w.summary[k] = v
+        """Status, losses (a diverged run's +inf smoothed loss included) and the status tag."""
+        self._mirror("summary", lambda w: wx.put_summary(w, result))
 
-        self._mirror("summary", put)
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Idempotent: the signal path closes before re-raising, the loop's finally again.
 
-    def close(self) -> None:
-        """Idempotent: the signal path closes before re-raising, the loop's finally again."""
+        `exit_code` is what wandb shows (non-zero: failed); `preempted` marks the run as
+        preempting first, so a requeued run reads as preempted, not crashed."""
         if not self._file.closed:
             self._file.close()
-        self._mirror("finish", lambda w: w.finish())
+        if preempted:
+            self._mirror("mark_preempting", lambda w: w.mark_preempting())
+        self._mirror("finish", lambda w: w.finish(exit_code=exit_code))
         self._wandb = None
 
 
@@ -114,25 +116,31 @@ def stop_wandb_service() -> None:
 def start_wandb(
     run_id: str, run_dir: Path, config: dict, project: str, group: str | None, mode: str | None
 ):
-    """One wandb run per run_id, across restarts (id=run_id, resume='allow'); its service
+    """One wandb run per run_id, across online restarts (id=run_id, resume='allow'), named,
+    grouped (the sweep), tagged and plotted against tokens as the exporter does (`config` is
+    spec.json's document: {"spec", "derived"}); its service
     process is started with SIGUSR1/SIGUSR2 blocked (shield.py), so the time limit's warning
     signal does not kill it before the trainer's last records."""
     import wandb
 
     from steplaw_train.shield import signals_blocked
 
+    if "spec" in config:
+        ident = wx.identity(config, group, "running")
+    else:  # not a spec.json document: no name or tags to derive
+        ident = {"name": run_id, "group": group, "job_type": wx.JOB_TYPE, "config": config}
+    ident["id"] = run_id
     with signals_blocked():
-        return wandb.init(
-            id=run_id,
+        run = wandb.init(
             resume="allow",
             project=project,
-            group=group,
-            name=run_id,
-            config=config,
             dir=str(run_dir),
             mode=mode or os.environ.get("WANDB_MODE") or "offline",
             settings=wandb.Settings(silent=True, console="off"),
+            **ident,
         )
+    wx.define_axes(run)
+    return run
 
 
 def build_logger(

@@ -1,12 +1,20 @@
 """The smoothed final loss: the one number per run that every fit in this project uses.
 
-Definition (Step Law paper, Sec. 2, and the authors' released analysis): Gaussian-smooth the
-logged training-loss series and take the value at its last point. The smoothing window is
-min(100 steps, 1% of the run's logged steps); sigma, in logged points, is that window divided by
-the log interval (at least one point, so that a short run is still smoothed). The filter
-reflects at the series' end (scipy's default), so the last point averages the final ~2 sigma
-points. Non-finite losses make the run's smoothed loss +inf: a diverged run is worse than any
-finished one, never missing.
+Definition (Step Law paper, Sec. 2, exactly as the authors' released analysis computes it):
+Gaussian-smooth the logged training-loss series with scipy's `gaussian_filter1d` (mode
+"reflect", scipy's default) and take the value at its last point, where
+
+    window = min(100, 0.01 * number_of_logged_points)
+    sigma  = window / log_interval          (no floor)
+
+Units, as the authors' code has them: the 100 is nominally steps and the 1% term is a count of
+logged points; the two are compared as plain numbers, and dividing by the log interval (steps
+between logged points) gives sigma in logged points, scipy's unit. The units are mixed, but it
+is the definition the released `smooth loss` column was computed with, so it is reproduced as
+written. Consequences: with fewer than 100 logged points (or a long log interval) sigma is
+below one point and the kernel's radius (int(4 sigma + 0.5)) can be 0, i.e. the last logged
+loss itself. Non-finite losses make the run's smoothed loss +inf: a diverged run is worse than
+any finished one, never missing.
 """
 
 from __future__ import annotations
@@ -17,15 +25,16 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-WINDOW_STEPS = 100
-WINDOW_FRACTION = 0.01
+WINDOW_MAX = 100  # the authors' cap on the window (nominally steps; see the module docstring)
+WINDOW_FRACTION = 0.01  # the window's other bound: this fraction of the logged points
 
 
 def smoothing_sigma(num_points: int, log_interval: int = 1) -> float:
-    """Sigma in logged points for a series of `num_points` points logged every `log_interval`."""
-    steps = num_points * log_interval
-    window_steps = min(WINDOW_STEPS, WINDOW_FRACTION * steps)
-    return max(1.0, window_steps / log_interval)
+    """Sigma in logged points for a series of `num_points` points logged every `log_interval`
+    steps: min(100, 1% of the points) / log_interval, with no floor."""
+    if log_interval <= 0:
+        raise ValueError(f"log_interval: must be a positive number of steps, got {log_interval}")
+    return min(WINDOW_MAX, WINDOW_FRACTION * num_points) / log_interval
 
 
 def smoothed_final_loss(losses: Sequence[float], log_interval: int = 1) -> float:

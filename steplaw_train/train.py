@@ -546,7 +546,7 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
                 if step < total:
                     save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan)
                 if signum is not None:
-                    logger.close()
+                    logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
                     flag.reraise()
         result = _result(
             spec,
@@ -565,6 +565,9 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
             torch.distributed.barrier()  # every rank returns the record rank 0 wrote
             result = json.loads((run_dir / "result.json").read_text())
         return result
+    except BaseException:
+        logger.close(exit_code=1)  # wandb shows the run as failed, not finished
+        raise
     finally:
         logger.close()
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import collect, synthetic
+from steplaw_train import params
 
 DENSE = collect.released_dense_csv()
 needs_shared = pytest.mark.skipif(not DENSE.is_file(), reason="../shared/steplaw not present")
@@ -169,3 +170,40 @@ def test_load_rejects_other_files(tmp_path):
     p.write_text("hi")
     with pytest.raises(ValueError, match="expected a run/sweep directory"):
         collect.load(p)
+
+
+# experts, top-k, moeh, sed, N, Na, M: the MoE release's shapes (../shared/steplaw/README.md)
+RELEASED_MOE = [
+    (89, 1, 352, 352, 2_150_612_992, 187_973_632, 1_681_489_920),
+    (88, 2, 352, 704, 2_150_612_992, 232_579_072, 1_949_122_560),
+    (8, 1, 3528, 3528, 2_155_174_912, 590_436_352, 4_096_266_240),
+    (8, 3, 2888, 8664, 2_156_188_672, 1_241_270_272, 8_001_269_760),
+]
+
+
+def test_moe_sed_is_the_shared_expert_width_and_target_iter_minus_one_is_unknown(tmp_path):
+    """The four released MoE shapes (../shared/steplaw/README.md), written as the MoE release
+    writes them: sed = shared-expert FFN width, target_iter = -1 when the plan was not set."""
+    rows = []
+    for i, (e, k, moeh, sed, n, na, m) in enumerate(RELEASED_MOE):
+        rows.append(dict.fromkeys(MOE_COLUMNS, 0) | {
+            "seq_len": 2048, "topk": k, "nume": e, "moeh": moeh, "sed": sed, "h": 1408,
+            "ffnh": 3904, "numh": 11, "numl": 16, "lr": 1e-3, "bs": 256, "ti": 3815,
+            "loss": 2.5, "smooth loss": 2.5, "target_iter": -1 if i < 3 else 3815,
+            "final_iter": [3815, 2000, 3815, 3000][i], "exp_name": f"moe{i}", "N": n,
+            "Na": na, "M": m, "D": 2e9, "moe_name": f"e{e}k{k}",
+        })  # fmt: skip
+    p = tmp_path / "moe.csv"
+    pd.DataFrame(rows, columns=MOE_COLUMNS).to_csv(p, index=False)
+    df = collect.read_released(p)
+    assert df["shared_ffnh"].tolist() == [352, 704, 3528, 8664]
+    assert df["seed"].isna().all()
+    assert df["iterations"].tolist() == [3815] * 4  # -1 read as "not set", not as -1 planned
+    reasons = df["excluded_reason"].tolist()
+    assert reasons[0] is None and reasons[2] is None
+    assert reasons[1] == "stopped at step 2000 of 3815 planned"  # fires with target_iter -1
+    assert reasons[3] == "stopped at step 3000 of 3815 planned"
+    for r in df.itertuples():  # the table's widths reproduce the release's N, Na and M
+        c = params.count(1408, 3904, 16, 2048, int(r.num_experts), int(r.topk),
+                         int(r.moe_ffnh), int(r.shared_ffnh), dense_layers=1)  # fmt: skip
+        assert (c.N, c.Na, c.M) == (r.N, r.Na, r.M)

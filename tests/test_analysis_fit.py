@@ -28,7 +28,7 @@ def summary_table(released_cells):
 
 
 def test_published_step_law_gap(summary_table):
-    s = summary_table.loc["Step Law"]
+    s = summary_table.loc[laws.STEP_LAW.name]
     assert s["cells"] == 17
     assert s["mean_nearest"] == pytest.approx(0.96, abs=0.05)
     assert s["max_nearest"] == pytest.approx(3.1, abs=0.05)

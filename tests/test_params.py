@@ -79,3 +79,28 @@ def test_built_megatron_model_has_exactly_N_matrix_parameters(preset):
         distributed.shutdown()
     assert counts["matrices"] == spec.N
     assert counts["embedding"] == params.embedding_params(320, model.hidden)
+
+
+# preset: (N, Na, M) of the authors' released MoE shapes (../shared/steplaw/README.md)
+RELEASED_MOE = {
+    "moe_e89_k1": (2_150_612_992, 187_973_632, 1_681_489_920),
+    "moe_e88_k2": (2_150_612_992, 232_579_072, 1_949_122_560),
+    "moe_e8_k1": (2_155_174_912, 590_436_352, 4_096_266_240),
+    "moe_e8_k3": (2_156_188_672, 1_241_270_272, 8_001_269_760),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED_MOE))
+def test_moe_presets_are_the_released_shapes(preset):
+    from steplaw_train.spec import DataSpec, TrainSpec
+
+    model = model_from_cfg(yaml.safe_load((config_dir() / "model" / f"{preset}.yaml").read_text()))
+    spec = RunSpec(
+        model,
+        DataSpec("paper", (("code", 1.0),), "byte", 320),
+        TrainSpec(lr=1e-3, batch_size=256, tokens=2e9, seq_len=2048),
+    )
+    assert (spec.N, spec.Na, spec.counts.M) == RELEASED_MOE[preset]
+    assert (model.hidden, model.heads, model.layers, model.ffn_hidden) == (1408, 11, 16, 3904)
+    assert model.moe.dense_layers == 1
+    assert model.moe.shared_expert_ffn_hidden == model.moe.topk * model.moe.expert_ffn_hidden

@@ -14,10 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import collect
-from analysis.replay import main, replay
-from launch.replay import TableExecutor, build_grid, snap
-from steplaw_train.search import Proposal, SearchConfig
+from analysis import collect, synthetic
+from analysis.replay import (
+    BASELINES,
+    baseline,
+    centre_point,
+    hill_climb,
+    main,
+    read_table,
+    replay,
+    replay_grids,
+)
+from analysis.table import TableExecutor, build_grid, run_costs, snap
+from steplaw_train.search import Proposal, SearchConfig, axis_neighbours
 
 DENSE = collect.released_dense_csv()
 needs_data = pytest.mark.skipif(not DENSE.is_file(), reason=f"released data not found at {DENSE}")
@@ -169,43 +178,75 @@ def test_missing_columns_fail_cleanly(tmp_path, capsys):
     assert "missing required columns" in capsys.readouterr().err
 
 
-def _held_out_half(grids, seed: int):
-    """A random 8 or 9 of the cells, drawn the way benchmarks/bench_replay.py's held-out split is."""
-    rng = np.random.default_rng(seed)
-    k = len(grids) // 2 + int(rng.integers(0, 2))
-    keep = set(rng.choice(len(grids), size=k, replace=False).tolist())
-    return [g for i, g in enumerate(grids) if i in keep]
-
-
 @needs_data
-@pytest.mark.parametrize("prior", ["steplaw", "none"])
-def test_held_out_halves_of_the_cells_meet_targets_in_the_median(dense, prior):
-    """Settings were chosen on draws 0.. of the protocol; draws 1000.. were never used to tune.
+def test_baselines_share_the_draws_and_the_cost_model(capsys):
+    """--json reports the guided search and every baseline; each baseline does what it says."""
+    assert main(["--data", str(DENSE), "--prior", "steplaw", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    base = doc["baselines"]
+    assert set(base) == {"guided", *BASELINES}
+    assert doc["cost"] == "flops"  # the dense release has no measured time
+    assert base["guided"]["gpu_hours_fraction"] == doc["gpu_hours_fraction"]
+    full = base["full_grid"]
+    assert full["gpu_hours_fraction"] == pytest.approx(1.0) and full["max_gap_permille"] == 0
+    assert all(c["runs"] == 1 for c in base["steplaw"]["cells"])
+    assert base["steplaw"]["mean_gap_permille"] == pytest.approx(0.957, abs=0.01)  # README
+    for name in ("hill_climb_law", "hill_climb_centre"):
+        assert all(c["runs"] >= 5 for c in base[name]["cells"])  # start + four neighbours
 
-    Each draw searches only about half the cells, so the law and curvature are learned from
-    fewer cells than on the full table. The median over five held-out draws must meet the
-    issue's targets; single draws do not always (draw 1000 misses by one grid step in two
-    cells, see docs/search.md), which this test does not hide: it asserts that too.
-    """
-    from analysis.replay import replay_grids
 
-    grids = build_grid(dense)
-    tots = []
-    for seed in range(1000, 1005):
-        half = _held_out_half(grids, seed)
-        assert 8 <= len(half) <= 9
-        reports, tot, _ = replay_grids(half, SearchConfig(prior=prior))
-        assert {r.cell for r in reports} == {g.cell.key for g in half}
-        tots.append(tot)
-    med = {k: float(np.median([t[k] for t in tots])) for k in tots[0]}
-    if prior == "steplaw":
-        assert med["gpu_hours_fraction"] <= 0.05
-        assert med["mean_gap_permille"] <= 0.1
-        assert med["max_gap_permille"] <= 0.5
-        assert max(t["max_gap_permille"] for t in tots) > 0.5  # the known miss (documented)
-    else:
-        assert med["gpu_hours_fraction"] <= 0.10
-        assert med["mean_gap_permille"] <= 0.2
+def test_hill_climb_stops_only_where_no_axis_neighbour_is_better(tmp_path):
+    grids = build_grid(read_table(str(_moe_csv(tmp_path))))
+    ex = TableExecutor(grids)
+    for g in grids:
+        i = hill_climb(g, ex, centre_point(g))
+        ran = ex.ran(g.cell.key)
+        nb = axis_neighbours(g.cell.coords(), i)
+        assert set(nb) <= ran and all(g.losses[j] >= g.losses[i] for j in nb)
+        assert g.losses[i] == min(g.losses[j] for j in ran)
+
+
+def _moe_csv(tmp_path, seed: int = 3, **kw):
+    path = tmp_path / f"moe{seed}.csv"
+    synthetic.moe_release(seed, **kw).to_csv(path, index=False)
+    return path
+
+
+def test_measured_time_is_the_cost_when_the_table_has_it(tmp_path, capsys):
+    path = _moe_csv(tmp_path)
+    raw = pd.read_csv(path)
+    df = read_table(str(path))
+    assert run_costs(collect.used(df))[1] == "time"
+    grids = build_grid(df)
+    reports, tot, state = replay_grids(grids, SearchConfig())
+    # GPU-hours fraction = measured time of the runs the search chose / time of the whole table
+    key_of = {(g.na, g.cell.d): g for g in grids}
+    spent = 0.0
+    for g in grids:
+        for i in state.results[g.cell.key]:
+            lr, bs = g.cell.points[i]
+            rows = raw[(raw.Na == g.na) & (g.cell.d == raw.D) & (raw.bs == bs)
+                       & (np.abs(np.log(raw.lr / lr)) < 0.02)]  # fmt: skip
+            spent += rows.total_time.sum()
+    assert len(key_of) == 16
+    assert tot["gpu_hours_fraction"] == pytest.approx(spent / raw.total_time.sum())
+    # without the time columns the FLOPs M·D are the cost
+    raw.drop(columns=["total_time", "average_iter_time"]).to_csv(tmp_path / "nt.csv", index=False)
+    nt = read_table(str(tmp_path / "nt.csv"))
+    assert run_costs(collect.used(nt))[1] == "flops"
+    g0 = build_grid(nt)[0]
+    row = nt[(nt.Na == g0.na) & (g0.cell.d == nt.D)].iloc[0]
+    assert g0.cell.cost == pytest.approx(row.M * row.D)
+
+
+def test_synthetic_moe_release_has_the_released_shapes(tmp_path):
+    raw = pd.read_csv(_moe_csv(tmp_path, drop=0.1))
+    assert {"total_time", "average_iter_time", "Na", "M", "moe_name", "sed"} <= set(raw.columns)
+    cells = raw.groupby(["moe_name", "D"]).size()
+    assert len(cells) == 16 and cells.min() >= 30 and cells.max() <= 45
+    assert sorted(raw.Na.unique()) == sorted(s[5] for s in synthetic.MOE_SHAPES)
+    grids = build_grid(read_table(str(_moe_csv(tmp_path, seed=4))))
+    assert len(grids) == 16 and all(len(g.losses) == 45 for g in grids)
 
 
 @needs_data
@@ -216,9 +257,48 @@ def test_each_released_cell_alone_without_prior_reaches_its_plateau(dense):
     (2.37‰ before the first-cell rule), asserted at 2‰."""
     gaps = []
     for g in build_grid(dense):
-        from analysis.replay import replay_grids
-
         reports, _, _ = replay_grids([g], SearchConfig(prior="none"))
         gaps.append(reports[0].gap_permille)
     assert max(gaps) <= 2.0
     assert all(gap < 10.0 for gap in gaps)
+
+
+@needs_data
+def test_guided_dominates_the_hill_climbs_on_the_released_table(dense):
+    """No worse mean gap than either 4-neighbour hill-climb at no more GPU-hours (docs/search.md)."""
+    grids = build_grid(dense)
+    _, guided, _ = replay_grids(grids, SearchConfig())
+    for name in ("hill_climb_law", "hill_climb_centre"):
+        _, hc = baseline(grids, name)
+        assert guided["gpu_hours_fraction"] <= hc["gpu_hours_fraction"], name
+        assert guided["mean_gap_permille"] <= hc["mean_gap_permille"], name
+
+
+def test_p_found_is_not_overconfident_on_a_synthetic_moe_release(tmp_path):
+    """The stated per-cell P(found) must not exceed the share of cells that ended within the
+    plateau by more than 0.1 (averaged over 3 draws of 16 cells: its own calibration)."""
+    stated, found = [], []
+    for seed in (11, 12, 13):
+        path = _moe_csv(tmp_path, seed=seed, follows="Na", bowls=synthetic.BOWLS, noise=3e-4)
+        reports, _, _ = replay_grids(build_grid(read_table(str(path))), SearchConfig())
+        stated += [r.p_found for r in reports]
+        found += [r.gap_permille <= 0.3 for r in reports]
+    assert len(stated) == 48 and all(0 <= p <= 1 for p in stated)
+    assert np.mean(stated) <= np.mean(found) + 0.1
+
+
+def test_cli_handles_diverged_runs_and_a_single_point_cell(tmp_path, capsys):
+    """Diverged runs (inf) at every cell's highest lr and a cell with one point: the search and
+    the baselines still finish, and --json stays strict JSON (inf written as a string)."""
+    df = synthetic.moe_release(5, follows="N", bowls=synthetic.BOWLS)
+    hi = df.groupby(["moe_name", "D"])["lr"].transform("max")
+    df.loc[df.lr == hi, "smooth loss"] = np.inf
+    one = (df.moe_name == "e8k3") & (df.D == 2e9)
+    df = df[~one | df.index.isin(df[one].index[:1])]
+    path = tmp_path / "edge.csv"
+    df.to_csv(path, index=False)
+    assert main(["--data", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert len(doc["cells"]) == 16 and min(c["runs"] for c in doc["cells"]) == 1
+    assert all(math.isfinite(c["loss"]) for c in doc["cells"])  # never chooses a diverged run
+    assert doc["baselines"]["steplaw"]["max_gap_permille"] == "inf"  # the law's point diverged

@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from steplaw_train.search import Cell, Proposal, SearchConfig, SearchState, axis_neighbours, propose
+from steplaw_train.search import (
+    Cell,
+    Proposal,
+    SearchConfig,
+    SearchState,
+    axis_neighbours,
+    grid_neighbours,
+    propose,
+)
+from steplaw_train.search.transfer import NOISE_LEVELS, noise_log_weights
+from steplaw_train.steplaw import PAPER
 
 LRS = [2.0 ** (-12 + 0.5 * i) for i in range(14)]
 BSS = [16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -39,7 +49,7 @@ def drive(state: SearchState, loss_of) -> SearchState:
 
 
 def steplaw_opt(n: float, d: float) -> tuple[float, float]:
-    return 1.79 * n**-0.713 * d**0.307, 0.58 * d**0.571 / 2048
+    return PAPER.lr(n, d), PAPER.bs_tokens(d) / 2048
 
 
 @pytest.mark.parametrize("prior", ["steplaw", "none"])
@@ -160,6 +170,9 @@ def test_non_rectangular_grid_and_neighbours():
         ({"prior": "law"}, "prior"),
         ({"batch": 0}, "batch"),
         ({"tau": -1}, "tau"),
+        ({"epsilon": 0}, "epsilon"),
+        ({"epsilon": 1}, "epsilon"),
+        ({"widen": 0.5}, "widen"),
         ({"max_runs_frac": 0}, "max_runs_frac"),
         ({"min_runs": 0}, "min_runs"),
         ({"parallel_cells": 0}, "parallel_cells"),
@@ -196,23 +209,6 @@ def test_single_cell_without_prior_reaches_the_optimum(opt_i, opt_j):
     assert state.runs("solo") <= 0.3 * len(cell.points)
 
 
-def test_budget_confirms_the_whole_neighbourhood_of_cheap_cells():
-    """With a GPU-hour budget to spare, the cheapest cell runs all 8 grid neighbours of its best."""
-    from steplaw_train.search import grid_neighbours
-
-    cells = [make_cell("cheap", 2e8, 4e9), make_cell("dear", 1e9, 5e10)]
-    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
-    state = drive(
-        SearchState.create(cells, SearchConfig(budget=0.2, reserve_runs=4)),
-        lambda p: bowl(p.lr, p.bs, opts[p.cell]),
-    )
-    cheap = state.cell("cheap")
-    best, _ = state.best("cheap")
-    assert set(grid_neighbours(cheap.coords(), best)) <= set(state.results["cheap"])
-    off = drive(SearchState.create(cells), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
-    assert state.runs("cheap") > off.runs("cheap")
-
-
 def test_parallel_cells_search_the_cheapest_unfinished_cells_at_once():
     cells = [
         make_cell(k, n, d) for k, n, d in (("a", 2e8, 4e9), ("b", 4e8, 1e10), ("c", 1e9, 5e10))
@@ -241,17 +237,106 @@ def test_parallel_cells_search_the_cheapest_unfinished_cells_at_once():
     assert rounds["par"] < rounds["seq"]
 
 
+FAMILY = [(2e8, 4e9), (3e8, 8e9), (5e8, 2e10), (8e8, 3e10), (1e9, 5e10)]
+
+
+def family_cells() -> list[Cell]:
+    return [make_cell(f"f{i}", n, d) for i, (n, d) in enumerate(FAMILY)]
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2])
+def test_cells_stop_only_below_epsilon_and_report_p_found(eps):
+    """Every cell that stopped before its cap did so with P(an untried point beats its best by
+    more than the plateau) below its epsilon; 1 − that is the reported P(found)."""
+    cells = family_cells()
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    state = drive(
+        SearchState.create(cells, SearchConfig(epsilon=eps)),
+        lambda p: bowl(p.lr, p.bs, opts[p.cell], noise=2e-4),
+    )
+    for c in cells:
+        o = state.outcome(c.key)
+        assert o is not None and 0 <= o.p_found <= 1
+        assert o.p_found > 1 - state.epsilon(c)
+
+
+def test_smaller_epsilon_runs_more_and_finds_as_much():
+    cells = family_cells()
+    opts = {c.key: (lr * 2**0.5, bs * 2) for c in cells for lr, bs in [steplaw_opt(c.n_law, c.d)]}
+
+    def run(eps):
+        return drive(
+            SearchState.create(cells, SearchConfig(epsilon=eps)),
+            lambda p: bowl(p.lr, p.bs, opts[p.cell], noise=2e-4),
+        )
+
+    loose, tight = run(0.4), run(0.05)
+    assert sum(tight.runs(c.key) for c in cells) > sum(loose.runs(c.key) for c in cells)
+    for c in cells:
+        grid = min(bowl(lr, bs, opts[c.key], noise=2e-4) for lr, bs in c.points)
+        assert tight.best(c.key)[1] <= grid * (1 + 3e-4)
+
+
+def test_a_cell_off_its_family_moves_weight_to_the_wide_prior_and_is_still_found():
+    """Four cells follow the law; the fifth (most expensive) has its optimum 4 grid steps off.
+    Its runs must shift the mixture toward the "differs" bowl, and the search must not stop
+    where the family says the optimum is."""
+    cells = family_cells()
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    odd = cells[-1].key
+    opts[odd] = (opts[odd][0] * 4, opts[odd][1] / 2)
+    state = drive(SearchState.create(cells), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
+    followers = [state.outcome(c.key).wide for c in cells[1:-1]]
+    assert state.outcome(odd).wide > max(followers)
+    grid = min(bowl(lr, bs, opts[odd]) for lr, bs in state.cell(odd).points)
+    assert state.best(odd)[1] <= grid * (1 + 3e-4)
+
+
+def test_run_noise_is_learned_from_finished_cells():
+    """Clean bowls put the noise weight on the low levels, noisy ones on the high levels."""
+    cells = family_cells()
+    opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
+    means = []
+    for noise in (0.0, 2e-3):
+        state = drive(
+            SearchState.create(cells), lambda p, s=noise: bowl(p.lr, p.bs, opts[p.cell], noise=s)
+        )
+        done = [(state.cell(o.cell), o) for o in state.outcomes]
+        w = np.exp(noise_log_weights(done))
+        means.append(float(w @ np.log(NOISE_LEVELS)))
+    assert means[0] < means[1]
+
+
+def test_stop_confirms_the_best_points_neighbours_unless_ruled_out():
+    """With a loose epsilon the model would stop after one run; the neighbour check makes the
+    cell run the best's axis neighbours the posterior cannot rule out."""
+    cell = make_cell("solo", 3e8, 1e10)
+    opt = steplaw_opt(3e8, 1e10)
+    opt = (opt[0] * 2**0.5, opt[1])  # one lr step off the law
+    state = drive(
+        SearchState.create([cell], SearchConfig(epsilon=0.6)), lambda p: bowl(p.lr, p.bs, opt)
+    )
+    z = cell.coords()
+    best, loss = state.best("solo")
+    assert loss == pytest.approx(min(bowl(lr, bs, opt) for lr, bs in cell.points))
+    assert state.runs("solo") >= 2
+    assert set(axis_neighbours(z, best)) & set(state.results["solo"])
+
+
+def test_grid_neighbours_are_the_3x3_block():
+    cell = make_cell("g", 3e8, 1e10)
+    z = cell.coords()
+    i = cell.points.index((LRS[5], float(BSS[3])))
+    nb = {cell.points[j] for j in grid_neighbours(z, i)}
+    want = {(LRS[a], float(BSS[b])) for a in (4, 5, 6) for b in (2, 3, 4)} - {cell.points[i]}
+    assert nb == want
+
+
 @pytest.mark.parametrize("floor", [1, 3, 5])
-def test_min_runs_floor_runs_the_best_points_neighbours(floor):
-    """With EI and confirmation switched off every cell but the first would stop after one run;
-    the floor makes each run `min_runs` points, all next to its best one."""
+def test_min_runs_floor(floor):
+    """With a loose epsilon every cell would stop early; the floor makes each run `min_runs`."""
     cells = [make_cell("a", 2e8, 4e9), make_cell("c", 1e9, 5e10)]
     opts = {c.key: steplaw_opt(c.n_law, c.d) for c in cells}
-    cfg = SearchConfig(tau=1.0, confirm_prob=1.0, neighbour_cost=0.0, min_runs=floor)
+    cfg = SearchConfig(epsilon=0.99, min_runs=floor)
     state = drive(SearchState.create(cells, cfg), lambda p: bowl(p.lr, p.bs, opts[p.cell]))
-    assert state.runs("c") == floor
-    z = state.cell("c").coords()
-    step = np.array([math.log(2) / 2, math.log(2)])  # one grid value in lr (√2) and in bs (×2)
-    ran = list(state.results["c"])
-    first = ran[0]
-    assert all(np.all(np.abs(z[i] - z[first]) <= step + 1e-9) for i in ran)
+    assert state.runs("c") >= floor
