@@ -28,7 +28,8 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=880)
     report = json.loads(out.read_text())
     parts = report["parts"]
-    assert {n: p["status"] for n, p in parts.items()} == {n: "ok" for n in parts}, proc.stdout
+    expected = {n: "ok" for n in parts} | {"kill_resume_deterministic": "skipped"}  # CPU: no-op
+    assert {n: p["status"] for n, p in parts.items()} == expected, proc.stdout
     assert proc.returncode == 0
     assert set(parts) == {
         "env",
@@ -47,10 +48,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
         assert entry["status"] == "ok" and entry["steps"] > 0, name
         assert entry["flags"]["moe_router_pre_softmax"] == name.endswith("_k1"), name
         assert not entry["flags"]["moe_grouped_gemm"]  # CPU: off; the GPU record shows it on
-    for name in ("kill_resume", "kill_resume_deterministic"):
-        k = parts[name]
-        assert k["killed_after_checkpoint"] is not None and k["steps"][0] == k["steps"][1]
-        assert k["bitwise_equal"], name  # CPU runs are deterministic
+    k = parts["kill_resume"]
+    assert k["killed_after_checkpoint"] is not None and k["steps"][0] == k["steps"][1]
+    assert k["bitwise_equal"]  # CPU runs are deterministic
     c = parts["checkpoint"]
     assert c["sharding"] == {"distrib_optim_sharding_type": "dp_reshardable"}
     assert c["peak_rss_during_save_gb"] >= c["rss_before_save_gb"] > 0 and c["size_gb"] > 0
