@@ -195,8 +195,12 @@ def collect_runs(path: str | Path) -> pd.DataFrame:
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory")
     rows = [read_run_dir(d) for d in iter_run_dirs(path)]
-    df = pd.DataFrame(rows, columns=COLUMNS) if rows else pd.DataFrame(columns=COLUMNS)
-    return finalize(df)
+    if not rows:  # an empty or non-sweep directory: say so here, not as a numpy error later
+        raise ValueError(
+            f"{path}: no run directories found (expected a sweep dir, its runs/ dir or a run "
+            "dir holding spec.json)"
+        )
+    return finalize(pd.DataFrame(rows, columns=COLUMNS))
 
 
 def _read_json(path: Path) -> Any:

@@ -31,10 +31,10 @@ from typing import Any
 import submitit
 
 from launch.resources import ResourceClass, ResourceModel, resource_class
-from launch.status import attempts
+from launch.status import attempts, process_start_time
 from steplaw_train.atomic import write_json as write_json_atomic
 from steplaw_train.options import RunOptions
-from steplaw_train.spec import RunSpec, SpecError, validate
+from steplaw_train.spec import RunSpec, SpecError, check_int, check_real, validate
 
 LAUNCHERS = ("auto", "local", "slurm", "debug")
 SLURM_KEYS = {
@@ -149,6 +149,35 @@ def cluster_max_array_size(default: int = 1001) -> int:
     return int(m.group(1)) if m else default
 
 
+# (field, smallest allowed value): integers a launcher config may set; None/absent = default
+LAUNCHER_INTS = (
+    ("parallelism", 1),
+    ("threads_per_run", 1),
+    ("timeout_min", 1),
+    ("array_parallelism", 1),
+    ("max_array_size", 2),
+    ("signal_delay_s", 0),
+    ("max_num_timeout", 0),
+)
+
+
+def check_launcher(lc: Mapping[str, Any]) -> None:
+    """Range-check a launcher config before anything is recorded (SpecError `launcher.<field>`)."""
+    resolve_launcher(str(lc.get("name", "auto")))
+    for key, lo in LAUNCHER_INTS:
+        if lc.get(key) is not None:
+            check_int(f"launcher.{key}", lc[key], lo)
+    if lc.get("mem_gb") is not None:
+        check_real("launcher.mem_gb", lc["mem_gb"], 0, None, "()")
+    for key in ("setup",):
+        if not isinstance(lc.get(key) or [], list):
+            raise SpecError(f"launcher.{key}", f"must be a list of shell lines, got {lc[key]!r}")
+    if not isinstance(lc.get("additional") or {}, Mapping):
+        raise SpecError(
+            "launcher.additional", f"must be a mapping of sbatch options, got {lc['additional']!r}"
+        )
+
+
 def resolve_launcher(name: str) -> str:
     if name not in LAUNCHERS:
         raise SpecError("launcher.name", f"unknown launcher {name!r}; allowed: {list(LAUNCHERS)}")
@@ -259,16 +288,61 @@ def _describe(spec: RunSpec) -> str:
 
 
 def _finish(run_dir: Path, job: submitit.Job) -> str | None:
-    """Record how a local/debug job ended; return the error text or None."""
+    """Record how a local/debug job ended; return the one-line error or None.
+
+    A job that raised is "failed" with its exception line (not submitit's header). A job whose
+    process ended without a result — stopped on a signal after checkpointing, or killed — is
+    "preempted": it resumes from its checkpoints, so it is not a failure.
+    """
     err = job.exception()
     if err is None:
         record_attempt(run_dir, {"state": "done", "ended": time.time()}, update_last=True)
         return None
     text = f"{type(err).__name__}: {err}"
-    record_attempt(
-        run_dir, {"state": "failed", "error": text[-2000:], "ended": time.time()}, update_last=True
+    preempted = isinstance(err, submitit.core.utils.UncompletedJobError) and not isinstance(
+        err, submitit.core.utils.FailedJobError
     )
-    return text
+    summary = failure_summary(text, job.paths.stderr, preempted)
+    record_attempt(
+        run_dir,
+        {
+            "state": "preempted" if preempted else "failed",
+            "error": summary,
+            "trace": text[-4000:],
+            "ended": time.time(),
+        },
+        update_last=True,
+    )
+    return summary
+
+
+def failure_summary(text: str, stderr: Path | None = None, preempted: bool = False) -> str:
+    """One line saying what failed: the trainer's exception line, not submitit's header.
+
+    submitit's text is `FailedJobError: Job (task=0) failed during processing with trace:`
+    followed by the traceback; the line that says something is the traceback's last one. A
+    process that ended without a result has no traceback: the last line of its log says more.
+    """
+    parts = re.split(r"^-{10,}$", text, flags=re.M)  # header / trace / "check full logs at"
+    trace = parts[1] if len(parts) >= 3 else text
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
+    if preempted:
+        tail = _last_log_line(stderr)
+        return "ended without a result (killed or stopped on a signal; resumes from its " + (
+            f"checkpoints); log: {tail}" if tail else "checkpoints)"
+        )
+    body = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return (body[-1] if body else text.strip().splitlines()[0] if text.strip() else "unknown")[:500]
+
+
+def _last_log_line(path: Path | None) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    try:
+        lines = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 # ---- local GPUs (pure helpers + the two probes they need) -------------------------------------
@@ -384,6 +458,7 @@ def submit_local(
                     "executor": "local",
                     "job_id": job.job_id,
                     "pid": int(job.job_id),
+                    "pid_start": process_start_time(int(job.job_id)),
                     "gpu": gpu,
                     "stdout": str(job.paths.stdout),
                     "stderr": str(job.paths.stderr),
@@ -400,7 +475,7 @@ def submit_local(
                 failed.append(spec.run_id)
             elapsed = time.time() - start
             eta = elapsed / n_done * (len(specs) - n_done)
-            word = f"FAILED {err.splitlines()[0][:120]}" if err else "done"
+            word = f"FAILED {err[:300]}" if err else "done"
             print(
                 f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
                 f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
@@ -429,6 +504,7 @@ def submit_debug(
                 "executor": "debug",
                 "job_id": job.job_id,
                 "pid": os.getpid(),
+                "pid_start": process_start_time(os.getpid()),
                 "stdout": str(job.paths.stdout),
                 "stderr": str(job.paths.stderr),
             },

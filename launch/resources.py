@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from steplaw_train.spec import RunSpec, SpecError
+from steplaw_train.spec import RunSpec, SpecError, check_int, check_real
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,29 @@ def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
             f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}"
         )
     rm = ResourceModel(**d)
-    if not (0 < rm.mfu <= 1):
-        raise SpecError("resources.mfu", f"must be in (0, 1], got {rm.mfu}")
-    for name in ("cpus_per_task", "cpu_tasks", "max_nodes"):
-        if int(getattr(rm, name)) < 1:
-            raise SpecError(f"resources.{name}", f"must be >= 1, got {getattr(rm, name)}")
+    check_resources(rm)
     return rm
+
+
+# gpus_per_node: GPU counts per run are powers of two (max_data_parallel), so a node size that is
+# not one (3, 6) would give runs a data-parallel size that does not divide their batch
+GPUS_PER_NODE = (0, 1, 2, 4, 8, 16)
+
+
+def check_resources(rm: ResourceModel) -> None:
+    """Every field in its range, named as `resources.<field>` (a 0 peak would divide by zero)."""
+    check_real("resources.mfu", rm.mfu, 0, 1, "(]")
+    check_real("resources.peak_tflops", rm.peak_tflops, 0, None, "()")
+    if rm.gpus_per_node not in GPUS_PER_NODE or isinstance(rm.gpus_per_node, bool):
+        raise SpecError(
+            "resources.gpus_per_node",
+            f"must be one of {GPUS_PER_NODE} (0 = CPU-only jobs), got {rm.gpus_per_node!r}",
+        )
+    for name in ("max_nodes", "cpus_per_task", "cpu_tasks", "cpus_per_gpu", "min_timeout_min"):
+        check_int(f"resources.{name}", getattr(rm, name), 1)
+    check_real("resources.target_hours", rm.target_hours, 0, None, "()")
+    check_real("resources.safety", rm.safety, 1, None, "[)")
+    check_real("resources.overhead_min", rm.overhead_min, 0, None, "[)")
 
 
 @dataclass(frozen=True, order=True)

@@ -10,7 +10,6 @@ launch/executors.py; this module only reads them and asks SLURM (`sacct`, `squeu
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -18,6 +17,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from steplaw_train.shield import STOPPED_ON_SIGNAL
 
 STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
 SLURM_ACTIVE = {
@@ -111,16 +112,25 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
     return states
 
 
-def _pid_alive(pid: int | None) -> bool:
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None if it does not exist."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Is the recorded process still the one running? A PID the OS has since given to another
+    process has another start time: that run is dead, not running."""
     if not pid:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    now_started = process_start_time(int(pid))
+    if now_started is None:
         return False
-    except PermissionError:
-        return True
-    return True
+    return started is None or abs(now_started - float(started)) < 1.0
 
 
 # ---- one run -----------------------------------------------------------------------------------
@@ -143,11 +153,11 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
             return RunStatus(rid, "queued", len(tries), job, "not yet visible to sacct/squeue")
         if s in SLURM_ACTIVE:
             return RunStatus(rid, SLURM_ACTIVE[s], len(tries), job, s)
-        state = "preempted" if s in SLURM_RESUMABLE else "failed"
-        return RunStatus(rid, state, len(tries), job, s, log)
+        resumable = s in SLURM_RESUMABLE or stopped_on_signal(log)
+        return RunStatus(rid, "preempted" if resumable else "failed", len(tries), job, s, log)
     ended = last.get("state")
     if ended is None:  # local/debug attempt with no recorded end: alive or killed
-        alive = _pid_alive(last.get("pid"))
+        alive = _pid_alive(last.get("pid"), last.get("pid_start"))
         return RunStatus(rid, "running" if alive else "preempted", len(tries), job, "", log)
     return RunStatus(
         rid,
@@ -165,6 +175,11 @@ def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
     jobs = [a["job_id"] for d in dirs for a in attempts(d)[-1:] if a.get("executor") == "slurm"]
     slurm = slurm_states(jobs)
     return [run_state(d, slurm) for d in dirs]
+
+
+def stopped_on_signal(log: Path | None) -> bool:
+    """Did the job's trainer checkpoint on a signal and stop (its log's last lines say so)?"""
+    return STOPPED_ON_SIGNAL in log_tail(log, 20)
 
 
 def counts(statuses: Iterable[RunStatus]) -> dict[str, int]:

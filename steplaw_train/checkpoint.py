@@ -16,10 +16,12 @@ checkpoint's own content metadata, so checkpoints written with another type stil
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from steplaw_train.shield import ignore_job_signals
+from steplaw_train.shield import helper_initializer
 
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -172,9 +174,10 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
     path = step_dir(run_dir, state.step)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
-        if path.exists():
-            shutil.rmtree(path)  # an incomplete leftover of an earlier attempt
-        path.mkdir(parents=True)
+        with save_errors_named(path):
+            if path.exists():
+                shutil.rmtree(path)  # an incomplete leftover of an earlier attempt
+            path.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
     sd = _sharded_state(model, optimizer, is_loading=False, metadata=_SHARDING)
@@ -182,20 +185,157 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
     sd["train_state"] = asdict(state)
     sd["rng"] = _rng_state()
     start_writer_process()
-    dist_checkpointing.save(
-        sd, str(path), sharded_strategy=_save_strategy(), content_metadata=_SHARDING
-    )
+    with save_errors_named(path):
+        dist_checkpointing.save(
+            sd, str(path), sharded_strategy=_save_strategy(), content_metadata=_SHARDING
+        )
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        marker = path / COMPLETE
-        with open(marker, "w") as f:
-            f.write(f"{state.step}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with save_errors_named(path):
+            _write_marker(path / COMPLETE, state.step)
         for old in complete_steps(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
     return path
+
+
+def _write_marker(marker: Path, step: int) -> None:
+    with open(marker, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# what a checkpoint failure must never swallow: the user's ^C, an exit, a generator closing
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost line that says what went wrong (torch wraps rank errors in tracebacks)."""
+    lines = [ln.strip() for ln in (str(e) or repr(e)).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "^", "~"))]
+    return f"{type(e).__name__}: {said[-1] if said else ''}"[:400]
+
+
+class CheckpointSaveError(OSError):
+    """A save failed; errno and filename say why and where (ENOSPC: the disk is full)."""
+
+
+@contextlib.contextmanager
+def save_errors_named(path: Path):
+    """Turn any failure of a save into CheckpointSaveError naming the path and the errno.
+
+    torch's writer reports a full disk as `unexpected pos 704 vs 598` (a RuntimeError with no
+    errno), so when the error carries none the directory is probed with a real write; the
+    half-written checkpoint is then removed (it has no marker, so it would never load) to give
+    the space back. Older complete checkpoints are untouched: a rerun resumes from them.
+    """
+    try:
+        yield
+    except (CheckpointSaveError, *_NOT_OURS):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        err = _errno_of(e) or _probe_errno(path)
+        shutil.rmtree(path, ignore_errors=True)
+        code = errno.errorcode.get(err, "unknown errno") if err else "no errno"
+        why = os.strerror(err) if err else f"{type(e).__name__}: {e}"
+        raise CheckpointSaveError(
+            err or 0,
+            f"checkpoint save failed: {why} ({code}); the run stopped, older complete "
+            f"checkpoints are kept and a rerun resumes from them (error: {_one_line(e)})",
+            str(path),
+        ) from e
+
+
+def _errno_of(e: BaseException | None) -> int | None:
+    """The errno of the first OSError in an exception's cause/context chain."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _probe_errno(path: Path, size: int = 1 << 20) -> int | None:
+    """Write and fsync `size` bytes next to the checkpoint; the errno that write gets, or None."""
+    probe = Path(path).parent / f".probe_{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+UNLOADABLE = ".unloadable"
+
+
+def load_latest(run_dir: Path, model, optimizer, scheduler, warn=None) -> TrainState | None:
+    """Load the newest complete checkpoint that loads; TrainState() if there is none; None if
+    there were some but none loaded (the failed attempts may have touched the live objects, so
+    the caller rebuilds them before starting over).
+
+    A checkpoint that fails to load (corrupt bytes, torn metadata, a file lost on a shared
+    filesystem) is renamed `step_N.unloadable` — kept for inspection, out of the resume and
+    pruning order — and the next older one is tried; `warn` (stderr by default) says which was
+    skipped and why. Every piece of state (model, optimizer, scheduler, RNG, loop state) comes
+    from the one checkpoint that loaded and data order is a function of the consumed samples, so
+    the resumed run is bitwise equal to an uninterrupted one; with none left it starts over,
+    which gives the same run again.
+    """
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    steps = complete_steps(run_dir)
+    if not steps:
+        return TrainState()
+    for step in reversed(steps):
+        try:
+            state, error = load(run_dir, step, model, optimizer, scheduler), None
+        except _NOT_OURS:
+            raise
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            state, error = None, _one_line(e)
+        if _all_ranks_ok(error is None):
+            return state  # type: ignore[return-value]
+        path = step_dir(run_dir, step)
+        error = error or "another rank failed to load it"
+        aside = _set_aside(path) if _is_rank0() else path.with_name(path.name + UNLOADABLE)
+        warn(f"warning: checkpoint {path} failed to load ({error}); skipped, moved to {aside}")
+    warn(f"warning: no checkpoint of {run_dir} loads; the run starts over from step 0")
+    return None
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    """Every rank takes the same checkpoint: one rank's failure makes all of them skip it."""
+    if not dist.is_initialized():
+        return ok
+    t = torch.tensor([int(ok)], dtype=torch.int64)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    ok = bool(int(t))
+    dist.barrier()
+    return ok
+
+
+def _set_aside(path: Path) -> Path:
+    target = path.with_name(path.name + UNLOADABLE)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{UNLOADABLE}.{n}")
+    with contextlib.suppress(OSError):
+        path.rename(target)
+    return target
 
 
 def load(run_dir: Path, step: int, model, optimizer, scheduler) -> TrainState:
@@ -244,9 +384,15 @@ def start_writer_process() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    manager = getattr(filesystem_async._results_queue, "_manager", None)
+    if manager is not None and not manager._process.is_alive():
+        # it dies with the thread that started it (PR_SET_PDEATHSIG): a run on a thread that
+        # has ended leaves a dead manager behind; start a new one
+        filesystem_async._results_queue = None
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=ignore_job_signals)
+        # deaf to the job's signals, but SIGKILLed by the kernel when the trainer dies
+        manager.start(initializer=helper_initializer, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 

@@ -7,6 +7,7 @@ elsewhere, point STEPLAW_CONFIG_DIR at a copy of it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,16 @@ def config_dir() -> Path:
     return Path(env).resolve() if env else Path(__file__).resolve().parents[1] / "configs"
 
 
-def _plain(section: Any) -> dict[str, Any]:
+def _plain(section: Any, name: str = "config") -> dict[str, Any]:
     if isinstance(section, DictConfig):
         return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    if not isinstance(section, Mapping):
+        raise SpecError(name, f"must be a mapping of fields, got {section!r}")
     return dict(section)
 
 
 def model_from_cfg(section: Any) -> ModelSpec:
-    d = _plain(section)
+    d = _plain(section, "model")
     moe = d.pop("moe", None)
     model = from_plain(ModelSpec, d, "model")
     return ModelSpec(
@@ -47,19 +50,19 @@ def model_from_cfg(section: Any) -> ModelSpec:
 
 
 def data_from_cfg(section: Any) -> DataSpec:
-    d = _plain(section)
+    d = _plain(section, "data")
     srcs = d.get("sources")
     if not srcs:
         raise SpecError("data.sources", "a recipe needs a non-empty list of {name, weight}")
     try:
         d["sources"] = tuple((str(s["name"]), float(s["weight"])) for s in srcs)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise SpecError("data.sources", f"each entry needs 'name' and 'weight' ({e})") from e
     return from_plain(DataSpec, d, "data")
 
 
 def train_from_cfg(section: Any) -> TrainSpec:
-    d = _plain(section)
+    d = _plain(section, "train")
     for k in ("batch_size", "tokens", "seq_len", "seed", "warmup_max_steps", "log_interval"):
         if isinstance(d.get(k), float) and float(d[k]).is_integer():
             d[k] = int(d[k])  # `train.tokens=2e6` on the command line arrives as a float
@@ -76,7 +79,7 @@ def spec_from_cfg(cfg: Any) -> RunSpec:
 
 
 def options_from_cfg(section: Any) -> RunOptions:
-    d = _plain(section) if section is not None else {}
+    d = _plain(section, "options") if section is not None else {}
     allowed = {f.name for f in fields(RunOptions)}
     unknown = set(d) - allowed
     if unknown:

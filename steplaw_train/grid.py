@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from steplaw_train import config as cfgmod
-from steplaw_train.spec import DataSpec, ModelSpec, RunSpec, SpecError, TrainSpec, validate
+from steplaw_train.spec import (
+    SEED_RANGE,
+    DataSpec,
+    ModelSpec,
+    RunSpec,
+    SpecError,
+    TrainSpec,
+    is_int,
+    is_number,
+    validate,
+)
 
 AXES = ("model", "tokens", "tokens_per_param", "lr", "batch_size", "recipe", "seed")
 BLOCK_KEYS = (*AXES, "train", "name")
@@ -30,6 +41,7 @@ RANGE_KEYS = ("min", "max", "step_log2", "round_to")
 WINDOW_KEYS = ("center", "span_log2", "step_log2", "round_to")
 LAWS = ("step_law",)
 LR_DIGITS = 4
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # one path component, not hidden, no '..'
 
 
 class GridError(SpecError):
@@ -70,16 +82,40 @@ def _check_keys(value: Mapping, allowed: Sequence[str], field_name: str, entry: 
         )
 
 
+def _number(name: str, value: Any, entry: str, positive: bool = True) -> float:
+    """A finite (positive) number, or GridError naming the field: no NaN, inf, bool or text."""
+    if not is_number(value) or not math.isfinite(value) or (positive and value <= 0):
+        what = "a positive finite number" if positive else "a finite number"
+        raise GridError(name, entry, f"must be {what}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: Any, entry: str) -> int:
+    """A positive integer as written (4 or 4.0): 0, -4 or 0.4 is an error, never rounded."""
+    if is_number(value) and math.isfinite(value) and float(value).is_integer() and value > 0:
+        return int(value)
+    raise GridError(name, entry, f"must be a positive integer, got {value!r}")
+
+
+def plain_name(name: str, value: Any, entry: str) -> str:
+    """A preset or grid name: one path component, so it cannot reach outside its directory."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise GridError(
+            name, entry, f"must be a plain name ({NAME_RE.pattern}: no '/', no '..'), got {value!r}"
+        )
+    return value
+
+
 def numeric_axis(
     name: str, value: Any, entry: str, law_value: Callable[[], float] | None
 ) -> list[float]:
     """Expand an lr/batch_size axis: list, log range or law-centred window."""
-    if isinstance(value, int | float):
-        return [float(value)]
+    if is_number(value):
+        return [_number(name, value, entry)]
     if isinstance(value, Sequence) and not isinstance(value, str):
         if not value:
             raise GridError(name, entry, "empty list")
-        return [float(v) for v in value]
+        return [_number(name, v, entry) for v in value]
     if not isinstance(value, Mapping):
         raise GridError(
             name, entry, f"must be a number, a list, {list(RANGE_KEYS)} or {list(WINDOW_KEYS)}"
@@ -91,16 +127,20 @@ def numeric_axis(
                 f"{name}.center", entry, f"unknown law {value['center']!r}; allowed: {list(LAWS)}"
             )
         assert law_value is not None
+        span = _number(f"{name}.span_log2", value.get("span_log2", 1.0), entry, positive=False)
+        if span < 0:
+            raise GridError(f"{name}.span_log2", entry, f"must be >= 0, got {span}")
         return window(
-            law_value(), float(value.get("span_log2", 1.0)), float(value.get("step_log2", 0.5))
+            law_value(), span, _number(f"{name}.step_log2", value.get("step_log2", 0.5), entry)
         )
     _check_keys(value, RANGE_KEYS, name, entry)
-    try:
-        lo, hi, step = float(value["min"]), float(value["max"]), float(value.get("step_log2", 0.5))
-    except KeyError as e:
+    if "min" not in value or "max" not in value:
         raise GridError(
             name, entry, f"a range needs 'min' and 'max' (allowed keys: {list(RANGE_KEYS)})"
-        ) from e
+        )
+    lo = _number(f"{name}.min", value["min"], entry)
+    hi = _number(f"{name}.max", value["max"], entry)
+    step = _number(f"{name}.step_log2", value.get("step_log2", 0.5), entry)
     if not (0 < lo <= hi and step > 0):
         raise GridError(name, entry, f"need 0 < min <= max and step_log2 > 0, got {dict(value)}")
     return log_range(lo, hi, step)
@@ -126,13 +166,16 @@ def yaml_presets() -> Presets:
     cache: dict[tuple[str, str], Mapping[str, Any]] = {}
 
     def load(group: str, name: str) -> Mapping[str, Any]:
+        plain_name(group, name, f"{group}={name}")
         if (group, name) not in cache:
             path = cfgmod.config_dir() / group / f"{name}.yaml"
             if not path.exists():
                 have = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise GridError(group, f"{group}={name}", f"no preset {name!r}; allowed: {have}")
             d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            d.pop("defaults", None)  # type: ignore[union-attr]
+            if not isinstance(d, dict):
+                raise GridError(group, f"{group}={name}", f"{path} is not a mapping of fields")
+            d.pop("defaults", None)
             cache[(group, name)] = d  # type: ignore[assignment]
         return cache[(group, name)]
 
@@ -140,6 +183,15 @@ def yaml_presets() -> Presets:
 
 
 def _model(value: Any, presets: Presets, entry: str) -> ModelSpec:
+    try:
+        return _model_unchecked(value, presets, entry)
+    except GridError:
+        raise
+    except SpecError as e:
+        raise GridError(e.field, entry, str(e).split(": ", 1)[1]) from None
+
+
+def _model_unchecked(value: Any, presets: Presets, entry: str) -> ModelSpec:
     if isinstance(value, str):
         return cfgmod.model_from_cfg(presets.load("model", value))
     if isinstance(value, Mapping):
@@ -149,8 +201,21 @@ def _model(value: Any, presets: Presets, entry: str) -> ModelSpec:
     raise GridError("model", entry, f"must be a preset name or a shape dict, got {value!r}")
 
 
-def _data(value: Any, presets: Presets) -> DataSpec:
-    return cfgmod.data_from_cfg(presets.load("data", value) if isinstance(value, str) else value)
+def _data(value: Any, presets: Presets, entry: str) -> DataSpec:
+    try:
+        return _data_unchecked(value, presets, entry)
+    except GridError:
+        raise
+    except SpecError as e:
+        raise GridError(e.field, entry, str(e).split(": ", 1)[1]) from None
+
+
+def _data_unchecked(value: Any, presets: Presets, entry: str) -> DataSpec:
+    if isinstance(value, str):
+        return cfgmod.data_from_cfg(presets.load("data", value))
+    if isinstance(value, Mapping):
+        return cfgmod.data_from_cfg(value)
+    raise GridError("recipe", entry, f"must be a preset name or a recipe dict, got {value!r}")
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -159,6 +224,20 @@ def _as_list(value: Any) -> list[Any]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return list(value)
     return [value]
+
+
+def _axis(block: Mapping[str, Any], key: str, entry: str) -> list[Any]:
+    """An axis' values; [] only when the block does not give the axis (then the base applies).
+
+    An axis that is present but empty (`model: []`, `model:`) is an error: silently falling back
+    to the base model would train something the grid does not say.
+    """
+    if key not in block:
+        return []
+    values = _as_list(block[key])
+    if not values:
+        raise GridError(key, entry, "empty axis; give at least one value or remove the key")
+    return values
 
 
 # ---- expansion ---------------------------------------------------------------------------------
@@ -172,11 +251,14 @@ def expand(
 ) -> list[RunSpec]:
     """All RunSpecs of a grid, validated, de-duplicated by run_id, in a stable order."""
     presets = presets or yaml_presets()
+    blocks = _blocks(grid)
     name = str(grid.get("name", "grid"))
-    blocks = grid.get("blocks") or [grid.get("axes") or {}]
     specs: dict[str, RunSpec] = {}
     for i, block in enumerate(blocks):
-        entry = f"grid {name!r} block {i}" + (f" ({block['name']})" if "name" in block else "")
+        entry = f"grid {name!r} block {i}"
+        if not isinstance(block, Mapping):
+            raise GridError("grid.blocks", entry, f"must be a mapping of axes, got {block!r}")
+        entry += f" ({block['name']})" if "name" in block else ""
         _check_keys(block, BLOCK_KEYS, "grid.blocks", entry)
         for spec in _expand_block(block, entry, base_model, base_data, base_train, presets):
             try:
@@ -188,6 +270,22 @@ def expand(
     return list(specs.values())
 
 
+def _blocks(grid: Any) -> list[Any]:
+    """The grid's blocks, after checking its shape and name (the name becomes a directory)."""
+    if not isinstance(grid, Mapping):
+        raise GridError(
+            "grid", "the grid", f"must be a mapping with 'name' and 'blocks', got {grid!r}"
+        )
+    name = grid.get("name", "grid")
+    plain_name("grid.name", name, "the grid")
+    blocks = grid.get("blocks") if "blocks" in grid else [grid.get("axes") or {}]
+    if not isinstance(blocks, Sequence) or isinstance(blocks, str) or not blocks:
+        raise GridError(
+            "grid.blocks", f"grid {name!r}", f"must be a non-empty list, got {blocks!r}"
+        )
+    return list(blocks)
+
+
 def _expand_block(
     block: Mapping[str, Any],
     entry: str,
@@ -196,18 +294,21 @@ def _expand_block(
     base_train: Mapping[str, Any],
     presets: Presets,
 ) -> list[RunSpec]:
-    train_over = dict(base_train) | dict(block.get("train") or {})
+    train_block = block.get("train") or {}
+    if not isinstance(train_block, Mapping):
+        raise GridError("train", entry, f"must be a mapping of train fields, got {train_block!r}")
+    train_over = dict(base_train) | dict(train_block)
     try:
         train0 = cfgmod.train_from_cfg(train_over)
     except SpecError as e:
         raise GridError(e.field, entry, str(e).split(": ", 1)[1]) from None
-    models = [_model(m, presets, entry) for m in _as_list(block.get("model"))] or [
+    models = [_model(m, presets, entry) for m in _axis(block, "model", entry)] or [
         _model(base_model, presets, entry)
     ]
-    datas = [_data(r, presets) for r in _as_list(block.get("recipe"))] or [
-        _data(base_data, presets)
+    datas = [_data(r, presets, entry) for r in _axis(block, "recipe", entry)] or [
+        _data(base_data, presets, entry)
     ]
-    seeds = [int(s) for s in _as_list(block.get("seed"))] or [train0.seed]
+    seeds = [_seed(s, entry) for s in _axis(block, "seed", entry)] or [train0.seed]
     if "tokens" in block and "tokens_per_param" in block:
         raise GridError("tokens", entry, "give either 'tokens' or 'tokens_per_param', not both")
     out: list[RunSpec] = []
@@ -219,14 +320,19 @@ def _expand_block(
     return out
 
 
+def _seed(value: Any, entry: str) -> int:
+    lo, hi = SEED_RANGE
+    if is_int(value) and lo <= value < hi:
+        return value
+    raise GridError("seed", entry, f"must be an integer in [{lo}, {hi}), got {value!r}")
+
+
 def _tokens(block: Mapping[str, Any], entry: str, N: int, default: int) -> list[int]:
     if "tokens_per_param" in block:
-        return [int(round(float(r) * N)) for r in _as_list(block["tokens_per_param"])]
-    vals = _as_list(block.get("tokens")) or [default]
-    for v in vals:
-        if not isinstance(v, int | float) or v <= 0:
-            raise GridError("tokens", entry, f"must be positive numbers of tokens, got {v!r}")
-    return [int(round(float(v))) for v in vals]
+        ratios = _axis(block, "tokens_per_param", entry)
+        return [int(round(_number("tokens_per_param", r, entry) * N)) for r in ratios]
+    vals = _axis(block, "tokens", entry) or [default]
+    return [int(round(_number("tokens", v, entry))) for v in vals]
 
 
 def _cell_runs(
@@ -247,12 +353,64 @@ def _cell_runs(
         )
     )
     bs_cfg = block.get("batch_size", t.batch_size)
-    round_to = int(bs_cfg.get("round_to", 1)) if isinstance(bs_cfg, Mapping) else 1
-    bss = round_batches(numeric_axis("batch_size", bs_cfg, entry, law_bs), round_to)
+    if isinstance(bs_cfg, Mapping):  # a range or window: computed values, rounded on purpose
+        round_to = _positive_int("batch_size.round_to", bs_cfg.get("round_to", 1), entry)
+        bss = round_batches(numeric_axis("batch_size", bs_cfg, entry, law_bs), round_to)
+    else:  # what the user wrote: used as written, never rounded
+        values = _as_list(bs_cfg) or [bs_cfg]
+        bss = list(dict.fromkeys(_positive_int("batch_size", v, entry) for v in values))
     return [
         cell.with_train(lr=lr, batch_size=bs, seed=seed)
         for lr, bs, seed in itertools.product(lrs, bss, seeds)
     ]
+
+
+# command-line keys → the grid axes (or block `train:` keys) that replace them per run
+OVERRIDDEN_BY = {
+    "model": ("model",),
+    "data": ("recipe",),
+    "train.lr": ("lr",),
+    "train.batch_size": ("batch_size",),
+    "train.tokens": ("tokens", "tokens_per_param"),
+    "train.seed": ("seed",),
+}
+
+
+def check_overrides(grid: Mapping[str, Any], overrides: Sequence[str]) -> None:
+    """Refuse a command-line override of a field a grid axis sets for every run of its block.
+
+    `model.hidden=64` or `train.lr=1e-3` next to `+grid=NAME` looks like it changes the sweep,
+    but the axis replaces the base value, so it would be silently ignored. GridError names the
+    override and the block and axis that set it.
+    """
+    blocks = _blocks(grid)
+    for text in overrides:
+        key = text.lstrip("+~").split("=", 1)[0].split("@", 1)[0].strip()
+        for i, block in enumerate(blocks):
+            if not isinstance(block, Mapping):
+                continue
+            hit = _setting_axis(key, block)
+            if hit:
+                raise GridError(
+                    key,
+                    f"grid {grid.get('name', 'grid')!r} block {i}",
+                    f"the override {text!r} would be ignored: axis {hit!r} of this block sets "
+                    f"it for every run; change the grid instead (grid.blocks.{i}.{hit}=...)",
+                )
+
+
+def _setting_axis(key: str, block: Mapping[str, Any]) -> str | None:
+    """The axis (or `train.<field>` of the block) that sets the config key `key`, or None."""
+    for prefix, axes in OVERRIDDEN_BY.items():
+        if key == prefix or key.startswith(prefix + "."):
+            for axis in axes:
+                if axis in block:
+                    return axis
+    if key.startswith("train."):
+        field = key.split(".")[1]
+        if field in (block.get("train") or {}):
+            return f"train.{field}"
+    return None
 
 
 def cell_key(spec: RunSpec) -> tuple[str, str, int]:
@@ -262,10 +420,12 @@ def cell_key(spec: RunSpec) -> tuple[str, str, int]:
 
 __all__ = [
     "GridError",
+    "check_overrides",
     "Presets",
     "cell_key",
     "expand",
     "log_range",
+    "plain_name",
     "round_sig",
     "step_law",
     "window",

@@ -11,7 +11,7 @@ analysis do not know a search chose them; rerunning the command continues where 
            overrides) cell of the grid. Its points are its (lr, bs) pairs; the seeds of a point
            are one point whose loss is their mean (less noise, not a different optimum).
 * cost   = Na·D × seeds of one point: proportional to the point's GPU-hours.
-* rounds = propose → submit the point's runs (pending, or failed/preempted within max_retries)
+* rounds = propose → submit the point's runs (pending or preempted, or failed within max_retries)
            → when all of a round's runs have ended, feed their losses to the search.
 Blocking launchers (local, debug) loop rounds until every cell is done. SLURM returns after
 submitting a round; rerun the command (a loop, cron) to advance it, or set `search.wait=true` to

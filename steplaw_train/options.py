@@ -6,11 +6,15 @@ wandb project to log to must not turn a finished run into a "new" one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steplaw_train.spec import SpecError, check_int, check_real
+
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cuda", "cpu")
+WANDB_MODES = (None, "online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class RunOptions:
     # is how the tests check the GPU path's optimizer and checkpoints without a GPU
     precision: str = "auto"
     checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
-    keep_checkpoints: int = 1  # complete checkpoints kept on disk
+    keep_checkpoints: int = 2  # complete checkpoints kept: an unloadable newest falls back
     divergence_factor: float = 2.0  # after warmup, stop when the loss EMA exceeds factor * its best
     divergence_window: int = (
         50  # steps of that EMA: one hard batch (bs=1 at seq 128) is not divergence
@@ -44,3 +48,67 @@ class RunOptions:
     # optimizer state and checkpoints on gloo ranks (tests)
     distributed_optimizer: bool | None = None
     extra: dict = field(default_factory=dict)  # free-form tags recorded in result.json
+
+
+def validate_options(options: RunOptions) -> None:
+    """Raise SpecError naming the first option outside its range (before any work)."""
+    o = options
+    if o.micro_batch_size is not None:
+        check_int("options.micro_batch_size", o.micro_batch_size, 1)
+    check_int("options.max_micro_batch", o.max_micro_batch, 1)
+    if o.precision not in PRECISIONS:
+        raise SpecError("options.precision", f"must be one of {PRECISIONS}, got {o.precision!r}")
+    check_int("options.checkpoint_interval", o.checkpoint_interval, 1)
+    check_int("options.keep_checkpoints", o.keep_checkpoints, 1)
+    check_real("options.divergence_factor", o.divergence_factor, 1, None, "()")
+    check_int("options.divergence_window", o.divergence_window, 1)
+    if o.num_threads is not None:
+        check_int("options.num_threads", o.num_threads, 1)
+    if o.device not in DEVICES:
+        raise SpecError("options.device", f"must be one of {DEVICES}, got {o.device!r}")
+    if not isinstance(o.deterministic, bool):
+        raise SpecError("options.deterministic", f"must be true or false, got {o.deterministic!r}")
+    if o.distributed_optimizer is not None and not isinstance(o.distributed_optimizer, bool):
+        raise SpecError(
+            "options.distributed_optimizer",
+            f"must be null (GPU only), true or false, got {o.distributed_optimizer!r}",
+        )
+    if o.wandb_mode not in WANDB_MODES:
+        raise SpecError("options.wandb_mode", f"must be one of {WANDB_MODES}, got {o.wandb_mode!r}")
+    if not isinstance(o.extra, dict):
+        raise SpecError("options.extra", f"must be a mapping, got {o.extra!r}")
+    if o.data_root is None:
+        raise SpecError("options.data_root", "must be a directory path, got None")
+    problem = data_root_problem(Path(o.data_root))
+    if problem:
+        raise SpecError("options.data_root", problem)
+
+
+def data_root_problem(root: Path) -> str | None:
+    """Why `root` can never hold the datasets, or None.
+
+    An existing root must be a readable directory. A missing one is fine (the demo corpus is
+    built into it on first use) as long as its nearest existing ancestor is a directory this
+    user can create entries in: `/etc/passwd/data` or a read-only mount would otherwise pass
+    every check and fail inside the first job.
+    """
+    if str(root).strip() == "":
+        return "is empty; give a directory (default: data)"
+    root = Path(os.path.abspath(root.expanduser()))
+    if root.exists():
+        if not root.is_dir():
+            return f"{root} exists but is not a directory"
+        if not os.access(root, os.R_OK | os.X_OK):
+            return f"{root} is not readable by this user"
+        return None
+    parent = root.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{root} cannot be created: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{root} does not exist and cannot be created ({parent} is not writable)"
+    return None
+
+
+__all__ = ["DEVICES", "PRECISIONS", "RunOptions", "data_root_problem", "validate_options"]

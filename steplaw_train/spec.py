@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from steplaw_train import params
@@ -202,43 +202,109 @@ def run_id(spec: RunSpec) -> str:
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:12]
 
 
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise SpecError(name, f"must be a positive finite number, got {value!r}")
+# ---- field ranges -------------------------------------------------------------------------------
+# Checked before anything is built or written: a value outside its range either crashes deep
+# inside megatron after the model is allocated, or (worse) trains and records something that is
+# not the experiment asked for (adam_eps=0 blows up and would be filed as a real divergence;
+# clip_grad<0 silently disables clipping).
+SEED_RANGE = (0, 2**32)  # numpy's and torch's seeds
+# A sanity bound, not a hardware limit: ~1e12 non-embedding parameters is beyond any Step Law
+# grid, and a typo (hidden=1048576) would otherwise allocate terabytes before anything fails.
+MAX_PARAMETERS = 10**12
+
+
+def is_number(value: Any) -> bool:
+    """int or float but not bool (YAML's `yes` must not become 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """value must be an integer in [lo, hi) (hi None: unbounded)."""
+    allowed = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
+    if not is_int(value) or value < lo or (hi is not None and value >= hi):
+        raise SpecError(name, f"must be an integer {allowed}, got {value!r}")
+
+
+def check_real(
+    name: str, value: Any, lo: float | None, hi: float | None, bounds: str = "[)"
+) -> None:
+    """value must be a finite number in the interval `bounds` ("[)", "(]", "()", "[]")."""
+    ok = is_number(value) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value >= lo if bounds[0] == "[" else value > lo
+    if ok and hi is not None:
+        ok = value <= hi if bounds[1] == "]" else value < hi
+    if not ok:
+        left = f"{bounds[0]}{lo if lo is not None else '-inf'}"
+        right = f"{hi if hi is not None else 'inf'}{bounds[1]}"
+        raise SpecError(name, f"must be a finite number in {left}, {right}, got {value!r}")
+
+
+def _check_train_ranges(t: TrainSpec) -> None:
+    check_real("train.lr", t.lr, 0, None, "()")
+    check_int("train.batch_size", t.batch_size, 1)
+    check_int("train.seq_len", t.seq_len, 1)
+    check_int("train.tokens", t.tokens, 1)
+    check_int("train.seed", t.seed, *SEED_RANGE)
+    check_real("train.min_lr", t.min_lr, 0, None, "[)")
+    check_real("train.min_lr_ratio", t.min_lr_ratio, 0, 1, "[]")
+    check_real("train.warmup_fraction", t.warmup_fraction, 0, 1, "[)")
+    check_int("train.warmup_max_steps", t.warmup_max_steps, 1)
+    check_real("train.adam_beta1", t.adam_beta1, 0, 1, "[)")
+    check_real("train.adam_beta2", t.adam_beta2, 0, 1, "[)")
+    check_real("train.adam_eps", t.adam_eps, 0, None, "()")
+    check_real("train.weight_decay", t.weight_decay, 0, None, "[)")
+    check_real("train.clip_grad", t.clip_grad, 0, None, "[)")
+    check_int("train.log_interval", t.log_interval, 1)
+
+
+def _check_model_ranges(m: ModelSpec) -> None:
+    for f in ("hidden", "ffn_hidden", "heads", "layers"):
+        check_int(f"model.{f}", getattr(m, f), 1)
+    check_real("model.init_std", m.init_std, 0, None, "()")
+    if m.moe is not None:
+        e = m.moe
+        check_int("model.moe.num_experts", e.num_experts, 1)
+        check_int("model.moe.topk", e.topk, 1)
+        check_int("model.moe.expert_ffn_hidden", e.expert_ffn_hidden, 1)
+        check_int("model.moe.shared_expert_ffn_hidden", e.shared_expert_ffn_hidden, 0)
+        check_int("model.moe.dense_layers", e.dense_layers, 0)
+        check_real("model.moe.aux_loss_coeff", e.aux_loss_coeff, 0, None, "[)")
+
+
+def _check_size(spec: RunSpec) -> None:
+    total = spec.N + params.embedding_params(spec.data.vocab_size, spec.model.hidden)
+    if total > MAX_PARAMETERS:
+        m = spec.model
+        raise SpecError(
+            "model",
+            f"{total:.3g} parameters (hidden={m.hidden}, ffn_hidden={m.ffn_hidden}, "
+            f"layers={m.layers}) exceed the sanity bound {MAX_PARAMETERS:.0e}; check the shape",
+        )
 
 
 def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None = None) -> None:
     """Raise SpecError naming the first bad field; checks only what the spec alone decides."""
     m, t, d = spec.model, spec.train, spec.data
-    for f in ("hidden", "ffn_hidden", "heads", "layers"):
-        v = getattr(m, f)
-        if not isinstance(v, int) or v <= 0:
-            raise SpecError(f"model.{f}", f"must be a positive integer, got {v!r}")
+    _check_model_ranges(m)
+    _check_train_ranges(t)
+    check_int("data.vocab_size", d.vocab_size, 1)
     if m.hidden % m.heads:
         raise SpecError("model.heads", f"{m.heads} does not divide model.hidden={m.hidden}")
     if m.moe is not None:
         e = m.moe
-        if e.num_experts < 1:
-            raise SpecError("model.moe.num_experts", f"must be >= 1, got {e.num_experts}")
-        if not 1 <= e.topk <= e.num_experts:
+        if e.topk > e.num_experts:
             raise SpecError(
                 "model.moe.topk", f"must be in [1, num_experts={e.num_experts}], got {e.topk}"
             )
-        if e.expert_ffn_hidden <= 0:
-            raise SpecError(
-                "model.moe.expert_ffn_hidden", f"must be > 0, got {e.expert_ffn_hidden}"
-            )
-        if e.shared_expert_ffn_hidden < 0:
-            raise SpecError("model.moe.shared_expert_ffn_hidden", "must be >= 0")
-        if not 0 <= e.dense_layers < m.layers:
+        if e.dense_layers >= m.layers:
             raise SpecError(
                 "model.moe.dense_layers", f"must be in [0, layers={m.layers}), got {e.dense_layers}"
             )
-    _positive("train.lr", t.lr)
-    if not isinstance(t.batch_size, int) or t.batch_size <= 0:
-        raise SpecError("train.batch_size", f"must be a positive integer, got {t.batch_size!r}")
-    if not isinstance(t.seq_len, int) or t.seq_len <= 0:
-        raise SpecError("train.seq_len", f"must be a positive integer, got {t.seq_len!r}")
     if t.tokens < spec.tokens_per_step:
         raise SpecError(
             "train.tokens",
@@ -248,21 +314,14 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
         raise SpecError(
             "train.min_lr_mode", f"must be one of {MIN_LR_MODES}, got {t.min_lr_mode!r}"
         )
-    if t.min_lr < 0:
-        raise SpecError("train.min_lr", f"must be >= 0, got {t.min_lr}")
     if spec.final_lr > t.lr:
         raise SpecError("train.lr", f"peak lr {t.lr} is below the final lr {spec.final_lr}")
-    if not 0 <= t.warmup_fraction < 1:
-        raise SpecError("train.warmup_fraction", f"must be in [0, 1), got {t.warmup_fraction}")
-    if t.log_interval < 1:
-        raise SpecError("train.log_interval", f"must be >= 1, got {t.log_interval}")
     if not d.sources:
         raise SpecError("data.sources", "a recipe needs at least one dataset")
     for name, w in d.sources:
-        if not (w > 0 and math.isfinite(w)):
+        if not (is_number(w) and w > 0 and math.isfinite(w)):
             raise SpecError("data.sources", f"weight of {name!r} must be positive, got {w}")
-    if d.vocab_size <= 0:
-        raise SpecError("data.vocab_size", f"must be positive, got {d.vocab_size}")
+    _check_size(spec)
     if t.batch_size % data_parallel:
         raise SpecError(
             "train.batch_size",
@@ -270,7 +329,7 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
             "(one rank per GPU)",
         )
     if micro_batch_size is not None:
-        if micro_batch_size <= 0:
+        if not is_int(micro_batch_size) or micro_batch_size <= 0:
             raise SpecError("options.micro_batch_size", f"must be positive, got {micro_batch_size}")
         if t.batch_size % (micro_batch_size * data_parallel):
             raise SpecError(
@@ -282,12 +341,20 @@ def validate(spec: RunSpec, data_parallel: int = 1, micro_batch_size: int | None
 
 def from_plain(cls: type, d: dict[str, Any], prefix: str) -> Any:
     """Build a dataclass from a plain dict, naming unknown keys with the allowed ones."""
+    if not isinstance(d, dict):
+        raise SpecError(prefix, f"must be a mapping of fields, got {d!r}")
     allowed = {f.name for f in fields(cls)}
     unknown = set(d) - allowed
     if unknown:
         raise SpecError(
             f"{prefix}.{sorted(unknown)[0]}", f"unknown field; allowed: {sorted(allowed)}"
         )
+    required = [
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    ]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise SpecError(f"{prefix}.{missing[0]}", f"missing; required fields: {required}")
     return cls(**d)
 
 
@@ -299,7 +366,11 @@ __all__ = [
     "SpecError",
     "TrainSpec",
     "canonical_json",
+    "check_int",
+    "check_real",
     "from_plain",
+    "is_int",
+    "is_number",
     "run_id",
     "validate",
 ]

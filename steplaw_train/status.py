@@ -19,7 +19,7 @@ from launch import status as st
 def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
     manifest = st.read_json(sweep_dir / "manifest.json")
     if manifest is None:
-        raise SystemExit(f"error: {sweep_dir} has no manifest.json (not a sweep directory)")
+        _fail(f"error: {sweep_dir} has no manifest.json (not a sweep directory)")
     statuses = st.sweep_states(sweep_dir, manifest["run_ids"])
     out: dict[str, Any] = st.counts(statuses)
     out["total"] = len(statuses)
@@ -46,13 +46,29 @@ def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int
     return "\n".join(lines)
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, exit status 2 (bad input), as every CLI of the harness does."""
+    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m steplaw_train.status", description=__doc__)
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object of counts per state")
     p.add_argument("--tail", type=int, default=10, help="log lines shown per failed run")
     args = p.parse_args(argv)
-    counts, statuses = summary(args.sweep_dir.resolve())
+    try:
+        counts, statuses = summary(args.sweep_dir.resolve())
+    except st.SchedulerUnavailable as e:
+        _fail(f"error: {e}")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        # damaged bookkeeping (a manifest without run_ids, a result.json that is `[]` or binary,
+        # a torn submissions.jsonl): one line naming the sweep, never a traceback
+        _fail(
+            f"error: {args.sweep_dir}: damaged sweep bookkeeping ({type(e).__name__}: {e}); "
+            "the run directories themselves are untouched"
+        )
     if args.json:
         json.dump(counts, sys.stdout)
         print()

@@ -5,8 +5,8 @@ anything runs, skip what is finished or queued,
 print a dry-run table, record the sweep (resolved config, manifest, runs/<run_id>/spec.json) and
 hand the rest to launch/. `main` is a thin Hydra shell over `sweep(cfg)`, which tests call with a
 composed config. Which runs go out:
-  pending                       always
-  failed / preempted            while the run has had <= max_retries attempts
+  pending / preempted           always (a preempted run resumes; it is not a failure)
+  failed                        while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
 With `search=guided` the grid's points go out a few at a time instead (steplaw_train/guided.py).
@@ -29,7 +29,7 @@ from launch import executors, status
 from launch.resources import ResourceModel, device_hours, resource_class, resource_model
 from steplaw_train import config as cfgmod
 from steplaw_train import grid as gridmod
-from steplaw_train.options import RunOptions
+from steplaw_train.options import RunOptions, validate_options
 from steplaw_train.spec import RunSpec, SpecError
 
 
@@ -46,12 +46,16 @@ class SweepResult:
     table: str
 
 
-def expand_from_cfg(cfg: Any) -> list[RunSpec]:
-    """The grid's RunSpecs (validated), or the single run the base config describes."""
+def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
+    """The grid's RunSpecs (validated), or the single run the base config describes.
+
+    `overrides` are the command line's; one a grid axis would silently replace is refused.
+    """
     g = cfg.get("grid")
     if g is None:
         raise SpecError("grid", "no grid given; use +grid=NAME (see configs/grid/)")
-    plain = OmegaConf.to_container(g, resolve=True) if isinstance(g, DictConfig) else dict(g)
+    plain = OmegaConf.to_container(g, resolve=True) if isinstance(g, DictConfig) else g
+    gridmod.check_overrides(plain, overrides)
     base_model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
     base_data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None
     base_train = OmegaConf.to_container(cfg.train, resolve=True)
@@ -60,11 +64,15 @@ def expand_from_cfg(cfg: Any) -> list[RunSpec]:
 
 
 def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:
-    """run_ids to submit now (see the module docstring)."""
+    """run_ids to submit now (see the module docstring).
+
+    Preempted runs always go out again: they resume from their checkpoints, and being preempted
+    is not a failure, so it does not count against max_retries.
+    """
     out = []
     for s in statuses:
-        again = s.state in ("failed", "preempted") and s.attempts <= max_retries
-        if s.state == "pending" or again or (retry_failed and s.state == "failed"):
+        again = s.state == "failed" and (s.attempts <= max_retries or retry_failed)
+        if s.state in ("pending", "preempted") or again:
             out.append(s.run_id)
     return out
 
@@ -137,6 +145,7 @@ def table(
 
 def _options(cfg: Any, grid_name: str) -> RunOptions:
     options = cfgmod.options_from_cfg(cfg.get("options"))
+    validate_options(options)
     return replace(options, wandb_group=options.wandb_group or grid_name)
 
 
@@ -163,13 +172,27 @@ def append_submission(sweep_dir: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def sweep(cfg: Any, out=sys.stdout) -> SweepResult:
+def check_sweep_fields(cfg: Any) -> None:
+    """The sweep's own top-level fields, before anything is read or written."""
+    from steplaw_train.spec import check_int
+
+    check_int("max_retries", cfg.get("max_retries", 1), 0)
+    for key in ("dry_run", "retry_failed"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
+    if not str(cfg.get("sweep_dir") or "").strip():
+        raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
+
+
+def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResult:
     """Expand → validate → (dry-run table) → record → submit. Returns what it did."""
-    specs = expand_from_cfg(cfg)
+    check_sweep_fields(cfg)
+    specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = _options(cfg, grid_name)
     rm = resource_model(cfg.get("resources"))
     lc = OmegaConf.to_container(cfg.launcher, resolve=True) if "launcher" in cfg else {}
+    executors.check_launcher(lc)
     launcher = executors.resolve_launcher(str(lc.get("name", "auto")))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     print(f"megatron configs built for {check_models(specs)} model shape(s)", file=out)
@@ -230,8 +253,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(cfgmod.config_dir()), config_name="sweep", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
-            result = sweep(cfg)
+            result = sweep(cfg, overrides=list(HydraConfig.get().overrides.task))
         except (SpecError, status.SchedulerUnavailable) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

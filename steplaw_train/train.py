@@ -38,7 +38,8 @@ import torch
 
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import metrics as mx
-from steplaw_train.options import DEVICES, PRECISIONS, RunOptions
+from steplaw_train.options import DEVICES, RunOptions, validate_options
+from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
 
@@ -80,26 +81,11 @@ def world_size_from_env() -> int:
 
 def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel: int) -> Plan:
     """Validate spec + options; choose micro-batching and precision. Raises SpecError."""
+    validate_options(options)
     validate(spec, data_parallel=data_parallel, micro_batch_size=options.micro_batch_size)
     per_rank = spec.train.batch_size // data_parallel  # validate() checked it divides
     mbs = options.micro_batch_size or auto_micro_batch(per_rank, options.max_micro_batch)
-    if options.precision not in PRECISIONS:
-        raise SpecError(
-            "options.precision", f"must be one of {PRECISIONS}, got {options.precision!r}"
-        )
     bf16 = options.precision == "bf16" or (options.precision == "auto" and use_cuda)
-    if options.checkpoint_interval < 1:
-        raise SpecError(
-            "options.checkpoint_interval", f"must be >= 1, got {options.checkpoint_interval}"
-        )
-    if options.divergence_window < 1:
-        raise SpecError(
-            "options.divergence_window", f"must be >= 1, got {options.divergence_window}"
-        )
-    if not options.divergence_factor > 1:
-        raise SpecError(
-            "options.divergence_factor", f"must be > 1, got {options.divergence_factor}"
-        )
     dist_opt = use_cuda if options.distributed_optimizer is None else options.distributed_optimizer
     return Plan(
         data_parallel,
@@ -141,6 +127,41 @@ def apply_determinism(plan: Plan) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ.setdefault("NCCL_ALGO", "Ring")
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# fp32 weights + fp32 gradients + Adam's two moments: a lower bound on a rank's training memory
+# (bf16 adds main params; activations come on top), enough to refuse a shape that cannot fit
+BYTES_PER_PARAMETER = 16
+
+
+def device_memory_bytes(use_cuda: bool) -> int:
+    """Memory of one rank's device: the GPU's, or this machine's RAM on CPU."""
+    if use_cuda:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def check_memory(spec: RunSpec, use_cuda: bool, available: int | None = None) -> None:
+    """SpecError on `model` if weights, gradients and optimizer state alone exceed the device.
+
+    Checked before megatron allocates anything: a typo such as hidden=65536 would otherwise
+    allocate (and on CPU swap) for minutes before an out-of-memory error.
+    """
+    from steplaw_train import params
+
+    total = spec.N + params.embedding_params(spec.data.vocab_size, spec.model.hidden)
+    need = total * BYTES_PER_PARAMETER
+    have = device_memory_bytes(use_cuda) if available is None else available
+    if need > have:
+        m = spec.model
+        raise SpecError(
+            "model",
+            f"{total:.3g} parameters (hidden={m.hidden}, ffn_hidden={m.ffn_hidden}, "
+            f"layers={m.layers}) need at least {need / 2**30:.1f} GiB for weights, gradients "
+            f"and Adam state; this {'GPU' if use_cuda else 'machine'} has {have / 2**30:.1f} GiB",
+        )
 
 
 def check_data(spec: RunSpec, options: RunOptions) -> None:
@@ -199,6 +220,12 @@ class SignalFlag:
         signum = self.signum
         self.restore()
         if signum is not None:
+            print(
+                f"{STOPPED_ON_SIGNAL} {signal.Signals(signum).name}; the run resumes from its "
+                "checkpoints",
+                file=sys.stderr,
+                flush=True,
+            )
             ckpt.stop_writer_processes()
             mx.stop_wandb_service()
             os.kill(os.getpid(), signum)
@@ -425,6 +452,7 @@ def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -
         return done
     use_cuda = resolve_device(options.device, torch.cuda.is_available())
     plan = make_plan(spec, options, use_cuda, world_size_from_env())
+    check_memory(spec, use_cuda)
     check_data(spec, options)
     apply_determinism(plan)
     if options.num_threads:
@@ -468,10 +496,11 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
     if world.is_main:
         mx.write_json_atomic(run_dir / "spec.json", {"spec": spec.to_dict(), "derived": derived})
 
-    state = ckpt.TrainState()
-    resume_step = ckpt.latest_step(run_dir)
-    if resume_step is not None:
-        state = ckpt.load(run_dir, resume_step, model, optimizer, scheduler)
+    state = ckpt.load_latest(run_dir, model, optimizer, scheduler)  # falls back if unloadable
+    if state is None:  # none loaded, but the attempts touched the objects: start clean
+        distributed.set_seed(spec.train.seed, plan.use_cuda)
+        model, optimizer, scheduler = build_components(spec, plan)
+        state = ckpt.TrainState()
     if world.is_main:
         mx.truncate_metrics(run_dir / "metrics.jsonl", state.step)
     dataset = build_dataset(spec, options)
@@ -686,6 +715,9 @@ def main() -> None:
         except SpecError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except ckpt.CheckpointSaveError as e:
+            print(f"error: {e}", file=sys.stderr)  # names the path and errno (ENOSPC...)
+            sys.exit(1)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result, indent=2))
 

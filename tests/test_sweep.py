@@ -80,13 +80,15 @@ def test_local_sweep_is_idempotent(tmp_path, data_root, capsys):
 
 
 def test_debug_failure_is_recorded_and_retried_alone(tmp_path, data_root, capsys):
-    """A run that fails after validation (its data root is a file) shows as failed with its log
-    tail; only it goes out again with retry_failed=true. No pdb under the debug launcher."""
+    """A run that fails after validation (its data root's `datasets` is a file, so the demo
+    corpus cannot be built) shows as failed with its log tail; only it goes out again with
+    retry_failed=true. No pdb under the debug launcher."""
     sw = tmp_path / "sw"
     first = sweep(cfg_for(sw, data_root, "launcher=debug", "grid.blocks.0.lr=[0.002]"))
     assert len(first.submitted) == 1 and first.failed == ()
-    bad_root = tmp_path / "not_a_dir"
-    bad_root.write_text("injected failure")
+    bad_root = tmp_path / "bad_root"
+    bad_root.mkdir()
+    (bad_root / "datasets").write_text("injected failure")
     second = sweep(cfg_for(sw, bad_root, "launcher=debug", "max_retries=0"))
     assert len(second.submitted) == 1 and second.failed == second.submitted
     failed_id = second.submitted[0]
