@@ -271,25 +271,30 @@ def test_index_builds_of_different_entries_do_not_wait_for_each_other(data_root)
     }
     held = data._cache_entry(digests, None, 11, 32, 100)
     assert held != data._cache_entry(digests, None, 11, 32, 101)
-    done = {}
+    done, errors = {}, []
 
     def other(n):
-        build(n)
+        try:
+            build(n)
+        except Exception as e:  # a thread's exception would otherwise vanish
+            errors.append(e)
         done[n] = time.monotonic()
 
-    with corpus.file_lock(data_root.resolve() / ".locks" / f"index-{held}.lock"):
-        t0 = time.monotonic()
-        free = threading.Thread(target=other, args=(101,))
-        same = threading.Thread(target=other, args=(100,))
-        free.start()
-        same.start()
-        free.join(timeout=60)
-        assert 101 in done, "a different entry's build waited for the held lock"
-        time.sleep(0.5)
-        assert 100 not in done, "the same entry's build did not wait for its lock"
-        released = time.monotonic()
-    same.join(timeout=60)
-    assert done[100] >= released > t0
+    # one process group for both threads (each would otherwise create and destroy its own)
+    with data._process_group():
+        with corpus.file_lock(data_root.resolve() / ".locks" / f"index-{held}.lock"):
+            t0 = time.monotonic()
+            free = threading.Thread(target=other, args=(101,))
+            same = threading.Thread(target=other, args=(100,))
+            free.start()
+            same.start()
+            free.join(timeout=60)
+            assert 101 in done, "a different entry's build waited for the held lock"
+            time.sleep(0.5)
+            assert 100 not in done, "the same entry's build did not wait for its lock"
+            released = time.monotonic()
+        same.join(timeout=60)
+    assert not errors and done[100] >= released > t0
 
 
 # ---- the GPU path's batch prefetch (runs on CPU: it is plain threading) ---------------------------
