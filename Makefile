@@ -34,7 +34,7 @@ demo: install
 	    launcher=$(DEMO_LAUNCHER) sweep_dir=$(DEMO_SWEEP) || rc=$$?; \
 	$(BIN)/python -m analysis report $(DEMO_SWEEP) --out $(DEMO_REPORT) || exit $$?; \
 	echo "Demo report: $(DEMO_REPORT) (summary.json, heatmaps/, plots/, runs.csv)"; \
-	if [ $$rc -ne 0 ]; then echo "Some runs failed: $(BIN)/python -m steplaw_train.status $(DEMO_SWEEP)"; fi; \
+	if [ $$rc -ne 0 ]; then echo "Some runs failed: $(BIN)/python -m steplaw_train.sweep.status $(DEMO_SWEEP)"; fi; \
 	exit $$rc
 
 ## Lint + the whole test suite (the SLURM tier runs when a cluster is up: see .ci/slurm-up.sh).

@@ -14,10 +14,13 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report"
     if not src.is_dir() and not args.out:
         out = Path.cwd() / f"report_{src.stem}"
-    settings = report.Settings(
-        threshold=args.threshold, n_boot=args.n_boot, seed=args.seed, n_col=args.n,
-        surface_window=args.surface_window, min_runs=args.min_runs, laws=tuple(args.law or ()),
-    )  # fmt: skip
+    given = {
+        "threshold": args.threshold, "n_boot": args.n_boot, "seed": args.seed, "n_col": args.n,
+        "surface_window": args.surface_window, "min_runs": args.min_runs,
+        "laws": tuple(args.law) if args.law else None,
+    }  # fmt: skip
+    # unset options take report.Settings' defaults: each default is written once, there
+    settings = report.Settings(**{k: v for k, v in given.items() if v is not None})
     report.run(src, out, settings, figures=not args.no_figures, quiet=args.quiet,
                valley=args.valley, wandb_project=args.wandb)  # fmt: skip
     return 0
@@ -33,29 +36,27 @@ def _predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("report", help="sweep dir or released CSV -> report directory")
+    r = sub.add_parser(
+        "report",
+        help="sweep dir or released CSV -> report directory",
+        description="Unset options take analysis.report.Settings' defaults (docs/analysis.md).",
+    )
     r.add_argument("source", help="a sweep/runs directory or the authors' released CSV")
     r.add_argument("--out", help="report directory (default: <sweep>/report or ./report_<csv>)")
-    r.add_argument(
-        "--threshold", type=float, default=0.0025, help="plateau: relative gap to the cell minimum"
-    )
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threshold", type=float, help="plateau: relative gap to the cell minimum")
+    r.add_argument("--n-boot", type=int, help="bootstrap resamples")
+    r.add_argument("--seed", type=int, help="bootstrap seed")
     r.add_argument(
         "--n",
         choices=("N", "Na"),
-        default="N",
         help="which N laws see (MoE: total N or activated Na)",
     )
     r.add_argument(
         "--surface-window",
         type=float,
-        default=0.02,
         help="grid points within this of the minimum enter the quadratic surface",
     )
-    r.add_argument(
-        "--min-runs", type=int, default=3, help="cells with fewer usable runs are skipped"
-    )
+    r.add_argument("--min-runs", type=int, help="cells with fewer usable runs are skipped")
     r.add_argument("--law", action="append", help="compare only these laws (repeatable)")
     r.add_argument("--no-figures", action="store_true")
     r.add_argument("--valley", action="store_true", help="also the 3-D loss valley per cell")

@@ -1,6 +1,6 @@
 """Cells and their LR×BS grids: the unit every fit and comparison works on.
 
-A cell is a group of runs sharing `collect.cell_key(df)` (N, D, and any robustness axis that
+A cell is a group of runs sharing `steplaw_train.cells.table_key(df)` (N, D, and any robustness axis that
 varies). Inside a cell the runs sit on an lr × bs grid. Grid values are matched by value in log
 space, not by equality: the authors' CSV writes the same lr as 0.000345 and 0.0003453. Repeats of
 one grid point (seeds, or such rounding twins) are averaged into one point.
@@ -14,26 +14,15 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import used
+from steplaw_train import cells as core_cells
+from steplaw_train.cells import SNAP_TOL
 
-SNAP_TOL = 0.01  # values within 1% (in log space) are the same grid value
 MIN_RUNS = 3
 
 
 def snap_log(values: pd.Series, tol: float = SNAP_TOL) -> pd.Series:
-    """Map each value to its cluster's median, clusters = runs of sorted log values < tol apart."""
-    v = values.to_numpy(dtype=float)
-    ok = np.isfinite(v) & (v > 0)
-    out = v.copy()
-    if not ok.any():
-        return pd.Series(out, index=values.index)
-    uniq = np.unique(v[ok])
-    labels = np.concatenate([[0], np.cumsum(np.diff(np.log(uniq)) > tol)])
-    centre = {}
-    for lab in np.unique(labels):
-        members = uniq[labels == lab]
-        centre.update(dict.fromkeys(members, float(np.median(members))))
-    out[ok] = [centre[x] for x in v[ok]]
-    return pd.Series(out, index=values.index)
+    """steplaw_train.cells.snap_log (the one snapping rule) on a Series, index kept."""
+    return pd.Series(core_cells.snap_log(values.to_numpy(dtype=float), tol), index=values.index)
 
 
 def with_grid(df: pd.DataFrame, tol: float = SNAP_TOL) -> pd.DataFrame:

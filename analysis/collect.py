@@ -8,10 +8,8 @@ A diverged run is used, with `smooth_loss = inf` (worse than any finished run, n
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from steplaw_train import params
+from steplaw_train import params, rundir
+
+# the cell definition lives in steplaw_train/cells.py; re-exported for the analysis modules
+from steplaw_train.cells import AXES, varying_axes  # noqa: F401
+from steplaw_train.cells import table_key as cell_key  # noqa: F401
 from steplaw_train.smoothing import smoothed_final_loss
 
 COLUMNS = [
@@ -38,13 +40,6 @@ MOE_REQUIRED = [
 MOE_MARKERS = {"nume", "moeh", "topk", "Na", "moe_name", "Na/N"}
 RELEASED_SEQ_LEN = 2048  # the dense release's bs is in sequences of 2,048 tokens
 
-# Axes along which the paper's robustness figures vary a cell at fixed (N, D).
-AXES: dict[str, list[str]] = {
-    "shape": ["h", "ffnh", "numh", "numl"],
-    "sparsity": ["Na", "num_experts", "topk", "moe_ffnh", "shared_ffnh"],
-    "recipe": ["recipe"],
-    "seq_len": ["seq_len"],
-}
 POSITIVE = ["N", "D", "lr", "bs"]
 
 
@@ -165,9 +160,9 @@ def _released_moe(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def iter_run_dirs(root: str | Path, max_depth: int = 4) -> Iterator[Path]:
-    """Every directory under `root` (root included) that holds a spec.json, sorted."""
+    """Every run directory under `root` (root included), sorted."""
     root = Path(root)
-    if (root / "spec.json").is_file():
+    if rundir.is_run_dir(root):
         yield root
         return
     found: list[Path] = []
@@ -179,10 +174,10 @@ def iter_run_dirs(root: str | Path, max_depth: int = 4) -> Iterator[Path]:
         except OSError:
             continue
         for e in entries:
-            if not e.is_dir(follow_symlinks=False) or e.name == "checkpoints":
+            if not e.is_dir(follow_symlinks=False) or e.name == rundir.CHECKPOINTS:
                 continue
             p = Path(e.path)
-            if os.path.isfile(os.path.join(e.path, "spec.json")):
+            if rundir.is_run_dir(p):
                 found.append(p)
             elif depth + 1 < max_depth:
                 stack.append((p, depth + 1))
@@ -203,62 +198,6 @@ def collect_runs(path: str | Path) -> pd.DataFrame:
     return finalize(pd.DataFrame(rows, columns=COLUMNS))
 
 
-def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_metrics(path: Path) -> tuple[list[int], list[float], str | None]:
-    """(steps, losses, problem) from metrics.jsonl; a truncated last line is ignored silently.
-
-    A corrupt line anywhere else makes the series untrustworthy: `problem` says where.
-    """
-    steps: list[int] = []
-    losses: list[float] = []
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        return steps, losses, f"metrics.jsonl unreadable ({e.__class__.__name__})"
-    lines = [ln for ln in lines if ln.strip()]
-    fast = _scan_metrics(lines)
-    if fast is not None:
-        return fast[0], fast[1], None
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            step, loss = int(rec["step"]), float(rec["loss"])
-        except (ValueError, KeyError, TypeError):
-            if i == len(lines) - 1:
-                break  # partial write of the last line (a killed run): drop it
-            return steps, losses, f"metrics.jsonl corrupt at line {i + 1}"
-        steps.append(step)
-        losses.append(loss)
-    return steps, losses, None
-
-
-_STEP = re.compile(rb'"step"\s*:\s*(-?\d+)\s*[,}]')
-_LOSS = re.compile(rb'"loss"\s*:\s*(-?[0-9.eE+-]+|NaN|-?Infinity)\s*[,}]')
-
-
-def _scan_metrics(lines: list[bytes]) -> tuple[list[int], list[float]] | None:
-    """Fast path: pull step and loss out with two regexes (JSON decoding dominates collection).
-
-    Only trusted when every line yields exactly one of each; otherwise None, and the caller
-    parses line by line to find the bad one.
-    """
-    data = b"\n".join(lines)
-    steps, losses = _STEP.findall(data), _LOSS.findall(data)
-    if not (len(steps) == len(losses) == len(lines)) or data.count(b"{") != len(lines):
-        return None
-    try:
-        return [int(x) for x in steps], [float(x) for x in losses]
-    except ValueError:
-        return None
-
-
 def _log_interval(steps: list[int], default: int) -> int:
     if len(steps) >= 2:
         diffs = np.diff(steps)
@@ -267,69 +206,34 @@ def _log_interval(steps: list[int], default: int) -> int:
     return max(1, int(default))
 
 
-def _spec_row(run_dir: Path) -> tuple[dict[str, Any], int]:
-    """Table fields known from spec.json alone, and the spec's log interval."""
-    doc = _read_json(run_dir / "spec.json")
-    spec, derived = doc["spec"], doc.get("derived") or {}
-    if not {"N", "Na", "M", "D", "iterations"} <= set(derived):
-        from steplaw_train.spec import RunSpec  # recompute what the writer left out
-
-        derived = {**RunSpec.from_dict(spec).derived(), **derived}
-    m, t, d = spec["model"], spec["train"], spec["data"]
-    moe = m.get("moe") or {}
-    seq = int(t.get("seq_len", 2048))
-    row = {
-        "run_id": derived.get("run_id", run_dir.name),
-        "N": derived["N"],
-        "Na": derived["Na"],
-        "D": derived["D"],
-        "M": derived["M"],
-        "C": derived.get("C", derived["M"] * derived["D"]),
-        "h": m["hidden"],
-        "ffnh": m["ffn_hidden"],
-        "numh": m["heads"],
-        "numl": m["layers"],
-        "seq_len": seq,
-        "lr": t["lr"],
-        "bs": t["batch_size"],
-        "bs_tokens": t["batch_size"] * seq,
-        "iterations": derived["iterations"],
-        "model_name": m.get("name"),
-        "recipe": d.get("recipe"),
-        "num_experts": moe.get("num_experts", 0),
-        "topk": moe.get("topk", 0),
-        "moe_ffnh": moe.get("expert_ffn_hidden", 0),
-        "shared_ffnh": moe.get("shared_expert_ffn_hidden", 0),
-        "seed": t.get("seed"),
-    }
-    return row, int(t.get("log_interval", 1))
-
-
 def read_run_dir(run_dir: Path) -> dict[str, Any]:
     """One row of the tidy table from a run directory (never raises on bad content)."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(run_id=run_dir.name, source="runs", status="unreadable")
     try:
-        spec_fields, log_interval = _spec_row(run_dir)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        spec_fields, log_interval = rundir.spec_row(rundir.read_spec(run_dir) or {})
+    except (rundir.CorruptRecord, ValueError, KeyError, TypeError) as e:
         row["excluded_reason"] = f"spec.json unreadable ({e.__class__.__name__}: {e})"
         return row
-    row.update(spec_fields)
-    steps, losses, problem = read_metrics(run_dir / "metrics.jsonl")
-    result_path = run_dir / "result.json"
-    if not result_path.is_file():
+    row.update({k: v for k, v in spec_fields.items() if k != "run_id" or v})
+    steps, losses, problem = rundir.read_loss_series(run_dir)
+    try:
+        result = rundir.read_result(run_dir)
+    except rundir.CorruptRecord as e:
+        row.update(status="unreadable", excluded_reason=f"result.json unreadable ({e.problem})")
+        return row
+    if result is None:
         row.update(status="unfinished", steps=steps[-1] if steps else 0)
         row["loss"] = losses[-1] if losses else math.nan
         row["excluded_reason"] = "no result.json (run not finished)"
         return row
+    status = str(result["status"])
     try:
-        result = _read_json(result_path)
-        status = str(result["status"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        planned = int(result.get("planned_steps") or row["iterations"] or 0)
+        done_steps = int(result.get("steps", steps[-1] if steps else 0))
+    except (TypeError, ValueError) as e:
         row.update(status="unreadable", excluded_reason=f"result.json unreadable ({e})")
         return row
-    planned = int(result.get("planned_steps") or row["iterations"] or 0)
-    done_steps = int(result.get("steps", steps[-1] if steps else 0))
     row.update(status=status, steps=done_steps, loss=result.get("final_loss", math.nan))
     if status == "diverged":
         row["smooth_loss"] = math.inf
@@ -388,27 +292,6 @@ def _fill(reason: pd.Series, mask: pd.Series, text: pd.Series) -> pd.Series:
     out = reason.copy()
     out[fresh] = text[fresh].to_numpy()
     return out
-
-
-def varying_axes(df: pd.DataFrame) -> dict[str, list[str]]:
-    """The robustness axes (shape, sparsity, recipe, seq_len) that vary inside some (N, D) pair."""
-    out: dict[str, list[str]] = {}
-    if df.empty:
-        return out
-    groups = df.groupby(["N", "D"], dropna=True)
-    for axis, cols in AXES.items():
-        varying = [c for c in cols if c in df and (groups[c].nunique(dropna=True) > 1).any()]
-        if varying:
-            out[axis] = varying
-    return out
-
-
-def cell_key(df: pd.DataFrame) -> list[str]:
-    """Columns that define a cell: N and D, plus every axis that varies at fixed (N, D)."""
-    key = ["N", "D"]
-    for cols in varying_axes(df).values():
-        key += [c for c in cols if c not in key]
-    return key
 
 
 def used(df: pd.DataFrame) -> pd.DataFrame:

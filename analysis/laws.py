@@ -50,11 +50,12 @@ def _safe(f: Formula | None, x: Inputs) -> float | None:
 
 
 def step_law(
-    c: float = 1.79, alpha: float = -0.713, beta: float = 0.307, d: float = 0.58,
-    gamma: float = 0.571, name: str = "Step Law", note: str = "",
+    c: float = math.exp(steplaw.PAPER.lr_intercept), alpha: float = steplaw.PAPER.lr_coefN,
+    beta: float = steplaw.PAPER.lr_coefD, d: float = math.exp(steplaw.PAPER.bs_intercept),
+    gamma: float = steplaw.PAPER.bs_coefD, name: str = "Step Law", note: str = "",
     paper_gap_permille: float | None = None,
 ) -> Law:  # fmt: skip
-    """The Step Law form with given constants (the paper's rounded ones by default)."""
+    """The Step Law form with given constants (the paper's rounded ones, steplaw.PAPER, by default)."""
     return Law(
         name=name,
         source="Li et al. 2025, arXiv 2503.04715",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steplaw_train import atomic
+from steplaw_train import atomic, rundir
 from steplaw_train.spec import DataSpec, ModelSpec, RunSpec, TrainSpec
 from steplaw_train.steplaw import PAPER
 
@@ -61,9 +61,7 @@ def write_run(root: Path, spec: RunSpec, final: float, *, rng: np.random.Generat
     """One run directory: spec.json, metrics.jsonl, result.json (unless `result` is False)."""
     d = root / spec.run_id
     d.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(
-        d / "spec.json", json.dumps({"spec": spec.to_dict(), "derived": spec.derived()})
-    )
+    rundir.write_spec(d, spec)
     planned = spec.iterations
     last = planned if stop_at is None else stop_at
     interval = max(1, planned // max_points)
@@ -75,7 +73,7 @@ def write_run(root: Path, spec: RunSpec, final: float, *, rng: np.random.Generat
     lines = [json.dumps({"step": int(s), "tokens": int(s) * spec.tokens_per_step, "loss": float(v),
                          "lr": spec.train.lr, "grad_norm": 1.0, "tokens_per_s": 1e4,
                          "elapsed_s": float(s) * 0.01}) for s, v in zip(steps, losses, strict=True)]  # fmt: skip
-    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    atomic.write_text(rundir.metrics_path(d), "\n".join(lines) + "\n")
     if result:
         res = {"run_id": spec.run_id, "status": status, "final_loss": float(losses[-1]),
                "smooth_loss": math.inf if status == "diverged" else float(final),
@@ -84,7 +82,7 @@ def write_run(root: Path, spec: RunSpec, final: float, *, rng: np.random.Generat
                "versions": {}, "device": "cpu", "precision": "fp32"}  # fmt: skip
         if status == "diverged":
             res["reason"] = "loss is nan"
-        atomic.write_text(d / "result.json", json.dumps(res))
+        rundir.write_result(d, res)
     return d
 
 

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import collect
+from steplaw_train.cells import SNAP_TOL, snap_log
 from steplaw_train.search import Cell, Proposal
 
-LOG_TOL = 0.02  # values within 2% are the same grid value
+LOG_TOL = SNAP_TOL  # the one snapping tolerance (steplaw_train.cells)
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,10 @@ class CellGrid:
 
 
 def snap(values: Iterable[float], tol: float = LOG_TOL) -> dict[float, float]:
-    """Map each value to its grid value: the median of the values within `tol` in log space."""
+    """Map each value to its grid value (steplaw_train.cells.snap_log: the median of the values
+    within `tol` of their neighbours in log space)."""
     vals = sorted(set(float(v) for v in values))
-    out: dict[float, float] = {}
-    group: list[float] = []
-    for v in vals + [math.inf]:
-        if group and (v == math.inf or math.log(v) - math.log(group[-1]) > tol):
-            rep = float(np.median(group))
-            out.update(dict.fromkeys(group, rep))
-            group = []
-        group.append(v)
-    return out
+    return dict(zip(vals, (float(x) for x in snap_log(vals, tol)), strict=True))
 
 
 def _label(row: Mapping[str, object], key: list[str]) -> str:

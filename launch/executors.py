@@ -24,33 +24,86 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from launch.resources import ResourceClass, ResourceModel, resource_class
-from launch.status import attempts, process_start_time
-from steplaw_train.atomic import write_json as write_json_atomic
+from launch.status import process_start_time
+from steplaw_train import rundir
+from steplaw_train.keys import check_keys
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError, check_int, check_real, validate
 
 LAUNCHERS = ("auto", "local", "slurm", "debug")
-SLURM_KEYS = {
-    "partition",
-    "account",
-    "qos",
-    "constraint",
-    "setup",
-    "array_parallelism",
-    "max_array_size",
-    "signal_delay_s",
-    "max_num_timeout",
-    "mem_gb",
-    "additional",
-    "container",
-}
+
+
+# ---- the launcher section, validated -----------------------------------------------------------
+@dataclass(frozen=True)
+class SlurmSettings:
+    """configs/launcher/slurm.yaml: how job arrays are asked for."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem_gb: float | None = None
+    setup: tuple[str, ...] = ()  # shell lines run before the job
+    additional: Mapping[str, Any] = field(default_factory=dict)  # more sbatch options
+    array_parallelism: int = 256
+    max_array_size: int | None = None  # None: the cluster's MaxArraySize (scontrol)
+    signal_delay_s: int = 120
+    max_num_timeout: int = 20
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """configs/launcher/local.yaml: processes on this machine."""
+
+    parallelism: int = 2
+    threads_per_run: int | None = 1
+    timeout_min: int = 7 * 24 * 60
+    gpus_per_run: int | str = "auto"  # auto: one GPU per run where torch sees GPUs; 0: CPU
+
+
+@dataclass(frozen=True)
+class DebugSettings:
+    """configs/launcher/debug.yaml: in this process."""
+
+    pdb: bool = False
+
+
+SETTINGS = {"slurm": SlurmSettings, "local": LocalSettings, "debug": DebugSettings}
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def launcher_settings(section: Mapping[str, Any] | None) -> tuple[str, Any]:
+    """(resolved launcher name, its settings) from the `launcher:` section; unknown keys and
+    names are SpecErrors listing the valid ones. `auto` accepts both local and slurm keys (its
+    YAML carries both) and keeps the resolved launcher's."""
+    d = dict(section or {})
+    name = str(d.pop("name", "auto"))
+    if name not in LAUNCHERS:
+        raise SpecError("launcher.name", f"unknown launcher {name!r}; allowed: {list(LAUNCHERS)}")
+    valid = _names(LocalSettings) | _names(SlurmSettings) if name == "auto" else None
+    resolved = resolve_launcher(name)
+    cls = SETTINGS[resolved]
+    check_keys(d, {"name", *(valid or _names(cls))}, "launcher")
+    check_launcher({"name": name, **d})
+    kept = {k: v for k, v in d.items() if k in _names(cls)}
+    if "setup" in kept:
+        kept["setup"] = tuple(kept["setup"] or ())
+    if "additional" in kept:
+        kept["additional"] = dict(kept["additional"] or {})
+    try:
+        return resolved, cls(**kept)
+    except TypeError as e:
+        raise SpecError("launcher", str(e)) from None
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -94,12 +147,12 @@ _RENDEZVOUS_VARS = (
 
 
 def record_attempt(run_dir: Path, attempt: Mapping[str, Any], update_last: bool = False) -> None:
-    tries = attempts(run_dir)
+    tries = rundir.read_attempts(run_dir)
     if update_last and tries:
         tries[-1] = {**tries[-1], **attempt}
     else:
         tries.append({"time": time.time(), **attempt})
-    write_json_atomic(run_dir / "launch.json", {"attempts": tries})
+    rundir.write_attempts(run_dir, tries)
 
 
 # ---- plans (pure) ------------------------------------------------------------------------------
@@ -243,44 +296,81 @@ class Submitted:
     failed: tuple[str, ...] = ()  # run_ids whose local/debug run raised
 
 
-def submit_slurm(
-    specs: Sequence[RunSpec],
-    sweep_dir: Path,
-    options: RunOptions,
-    lc: Mapping[str, Any],
-    rm: ResourceModel,
-) -> Submitted:
-    max_array = lc.get("max_array_size") or cluster_max_array_size()
-    by_id = {s.run_id: s for s in specs}
-    job_ids: list[str] = []
-    chunks = plan_arrays(specs, rm, int(max_array), options.micro_batch_size)
-    for chunk in chunks:
-        ex = submitit.AutoExecutor(
-            folder=sweep_dir / "logs",
-            cluster="slurm",
-            slurm_max_num_timeout=int(lc.get("max_num_timeout", 20)),
-        )
-        ex.update_parameters(
-            name=f"steplaw_{sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
-        )
-        dirs = [str(sweep_dir / "runs" / r) for r in chunk.run_ids]
-        # a GPU job that finds no usable GPU must fail, not train on the node's CPU
-        gpu_job = chunk.resources.gpus_per_node and options.device == "auto"
-        opts = replace(options, device="cuda") if gpu_job else options
-        jobs = ex.map_array(RunJob(), [by_id[r] for r in chunk.run_ids], dirs, [opts] * len(dirs))
-        for rid, job in zip(chunk.run_ids, jobs, strict=True):
-            record_attempt(
-                sweep_dir / "runs" / rid,
-                {
-                    "executor": "slurm",
-                    "job_id": job.job_id,
-                    "resources": chunk.resources.label(),
-                    "stdout": str(job.paths.stdout),
-                    "stderr": str(job.paths.stderr),
-                },
+@dataclass(frozen=True)
+class Launcher:
+    """Where a sweep's runs go, built once from the validated `launcher:` section.
+
+    `plan(specs)` says how many sbatch calls a submission would take (0 off SLURM) and validates
+    the specs against the resources they would get; `submit(specs)` hands them over and records
+    each attempt in its run dir; `blocking` launchers return only once the runs have ended.
+    """
+
+    name: str
+    settings: Any
+    sweep_dir: Path
+    options: RunOptions
+    resources: ResourceModel
+    blocking: bool = True
+
+    def plan(self, specs: Sequence[RunSpec]) -> int:
+        return 0
+
+    def submit(self, specs: Iterable[RunSpec], out=sys.stderr) -> Submitted:
+        specs = list(specs)
+        if not specs:
+            return Submitted(job_ids=(), batch_calls=0)
+        _export_pythonpath()
+        return self._submit(specs, out)
+
+    def _submit(self, specs: list[RunSpec], out) -> Submitted:
+        raise NotImplementedError
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return rundir.run_dir(self.sweep_dir, spec.run_id)
+
+
+class SlurmLauncher(Launcher):
+    """Job arrays per resource class via submitit; returns at once with the job ids."""
+
+    def plan(self, specs: Sequence[RunSpec]) -> int:
+        return len(self._chunks(specs, self.settings.max_array_size or 1001))
+
+    def _chunks(self, specs: Sequence[RunSpec], max_array: int) -> list[ArrayChunk]:
+        return plan_arrays(specs, self.resources, int(max_array), self.options.micro_batch_size)
+
+    def _submit(self, specs: list[RunSpec], out) -> Submitted:
+        lc = asdict(self.settings)
+        by_id = {s.run_id: s for s in specs}
+        job_ids: list[str] = []
+        chunks = self._chunks(specs, self.settings.max_array_size or cluster_max_array_size())
+        for chunk in chunks:
+            ex = submitit.AutoExecutor(
+                folder=self.sweep_dir / "logs",
+                cluster="slurm",
+                slurm_max_num_timeout=int(self.settings.max_num_timeout),
             )
-            job_ids.append(job.job_id)
-    return Submitted(tuple(job_ids), len(chunks))
+            ex.update_parameters(
+                name=f"steplaw_{self.sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
+            )
+            todo = [by_id[r] for r in chunk.run_ids]
+            dirs = [str(self.run_dir(s)) for s in todo]
+            # a GPU job that finds no usable GPU must fail, not train on the node's CPU
+            gpu_job = chunk.resources.gpus_per_node and self.options.device == "auto"
+            opts = replace(self.options, device="cuda") if gpu_job else self.options
+            jobs = ex.map_array(RunJob(), todo, dirs, [opts] * len(dirs))
+            for spec, job in zip(todo, jobs, strict=True):
+                record_attempt(
+                    self.run_dir(spec),
+                    {
+                        "executor": "slurm",
+                        "job_id": job.job_id,
+                        "resources": chunk.resources.label(),
+                        "stdout": str(job.paths.stdout),
+                        "stderr": str(job.paths.stderr),
+                    },
+                )
+                job_ids.append(job.job_id)
+        return Submitted(job_ids=tuple(job_ids), batch_calls=len(chunks))
 
 
 def _describe(spec: RunSpec) -> str:
@@ -410,120 +500,132 @@ def local_job_parameters(timeout_min: int, gpu: int | None) -> dict[str, Any]:
     return params
 
 
-def submit_local(
-    specs: Sequence[RunSpec],
-    sweep_dir: Path,
-    options: RunOptions,
-    lc: Mapping[str, Any],
-    out=sys.stderr,
-) -> Submitted:
-    """Run on this machine, `parallelism` processes at a time; blocks until all end.
+class LocalLauncher(Launcher):
+    """On this machine, `parallelism` processes at a time; blocks until all end.
 
     On a GPU host each run gets one GPU of its own: a run starts on the lowest-numbered free GPU
     (round robin over the visible devices as runs finish), at most one run per GPU, and with
     `options.device = "cuda"` so that a job that cannot use its GPU fails instead of training
     on the CPU.
     """
-    parallelism = int(lc.get("parallelism", 2))
-    if parallelism < 1:
-        raise SpecError("launcher.parallelism", f"must be >= 1, got {parallelism}")
-    gpu_ids = torch_gpu_ids()
-    per_run = gpus_per_local_run(lc.get("gpus_per_run", "auto"), gpu_ids, host_gpu_count())
-    if per_run:
-        parallelism = min(parallelism, len(gpu_ids))
-        if options.device == "auto":
-            options = replace(options, device="cuda")
-    threads = lc.get("threads_per_run")
-    if threads:
-        options = replace(options, num_threads=int(threads))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    todo = deque(specs)
-    running: dict[submitit.Job, tuple[RunSpec, int | None]] = {}
-    job_ids, failed = [], []
-    start, n_done = time.time(), 0
-    while todo or running:
-        while todo and len(running) < parallelism:
-            spec = todo.popleft()
-            busy = {g for _, g in running.values()}
-            gpu = next(g for g in gpu_ids if g not in busy) if per_run else None
-            run_dir = sweep_dir / "runs" / spec.run_id
-            ex = submitit.LocalExecutor(folder=sweep_dir / "logs")
-            ex.update_parameters(
-                **local_job_parameters(int(lc.get("timeout_min", 7 * 24 * 60)), gpu)
-            )
-            job = ex.submit(RunJob(), spec, str(run_dir), options)
+
+    def _submit(self, specs: list[RunSpec], out) -> Submitted:
+        cfg: LocalSettings = self.settings
+        if cfg.parallelism < 1:
+            raise SpecError("launcher.parallelism", f"must be >= 1, got {cfg.parallelism}")
+        options = self.options
+        parallelism = cfg.parallelism
+        gpu_ids = torch_gpu_ids()
+        per_run = gpus_per_local_run(cfg.gpus_per_run, gpu_ids, host_gpu_count())
+        if per_run:
+            parallelism = min(parallelism, len(gpu_ids))
+            if options.device == "auto":
+                options = replace(options, device="cuda")
+        if cfg.threads_per_run:
+            options = replace(options, num_threads=int(cfg.threads_per_run))
+            os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads_per_run))
+        todo = deque(specs)
+        running: dict[submitit.Job, tuple[RunSpec, int | None]] = {}
+        job_ids, failed = [], []
+        start, n_done = time.time(), 0
+        while todo or running:
+            while todo and len(running) < parallelism:
+                spec = todo.popleft()
+                busy = {g for _, g in running.values()}
+                gpu = next(g for g in gpu_ids if g not in busy) if per_run else None
+                ex = submitit.LocalExecutor(folder=self.sweep_dir / "logs")
+                ex.update_parameters(**local_job_parameters(int(cfg.timeout_min), gpu))
+                job = ex.submit(RunJob(), spec, str(self.run_dir(spec)), options)
+                record_attempt(
+                    self.run_dir(spec),
+                    {
+                        "executor": "local",
+                        "job_id": job.job_id,
+                        "pid": int(job.job_id),
+                        "pid_start": process_start_time(int(job.job_id)),
+                        "gpu": gpu,
+                        "stdout": str(job.paths.stdout),
+                        "stderr": str(job.paths.stderr),
+                    },
+                )
+                job_ids.append(job.job_id)
+                running[job] = (spec, gpu)
+            time.sleep(0.2)
+            for job in [j for j in running if j.done()]:
+                spec, _ = running.pop(job)
+                err = _finish(self.run_dir(spec), job)
+                n_done += 1
+                if err:
+                    failed.append(spec.run_id)
+                elapsed = time.time() - start
+                eta = elapsed / n_done * (len(specs) - n_done)
+                word = f"FAILED {err[:300]}" if err else "done"
+                print(
+                    f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
+                    f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
+                    file=out,
+                    flush=True,
+                )
+        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
+
+
+class DebugLauncher(Launcher):
+    """In this process, one run after another (breakpoints work; pdb only if launcher.pdb)."""
+
+    def _submit(self, specs: list[RunSpec], out) -> Submitted:
+        ex = submitit.DebugExecutor(folder=self.sweep_dir / "logs")
+        job_ids, failed = [], []
+        for i, spec in enumerate(specs, 1):
+            run_dir = self.run_dir(spec)
+            job = ex.submit(RunJob(), spec, str(run_dir), self.options)
             record_attempt(
                 run_dir,
                 {
-                    "executor": "local",
+                    "executor": "debug",
                     "job_id": job.job_id,
-                    "pid": int(job.job_id),
-                    "pid_start": process_start_time(int(job.job_id)),
-                    "gpu": gpu,
+                    "pid": os.getpid(),
+                    "pid_start": process_start_time(os.getpid()),
                     "stdout": str(job.paths.stdout),
                     "stderr": str(job.paths.stderr),
                 },
             )
             job_ids.append(job.job_id)
-            running[job] = (spec, gpu)
-        time.sleep(0.2)
-        for job in [j for j in running if j.done()]:
-            spec, _ = running.pop(job)
-            err = _finish(sweep_dir / "runs" / spec.run_id, job)
-            n_done += 1
+            if self.settings.pdb:
+                job.result()  # submitit's DebugJob drops into pdb on failure
+            err = _finish(run_dir, job)
             if err:
                 failed.append(spec.run_id)
-            elapsed = time.time() - start
-            eta = elapsed / n_done * (len(specs) - n_done)
-            word = f"FAILED {err[:300]}" if err else "done"
+                job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+                with open(job.paths.stderr, "a") as f:
+                    f.write(err + "\n")
             print(
-                f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
-                f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
+                f"[{i}/{len(specs)}] {spec.run_id} {_describe(spec)}: "
+                f"{'FAILED ' + err if err else 'done'}",
                 file=out,
                 flush=True,
             )
-    return Submitted(tuple(job_ids), 0, tuple(failed))
+        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
 
 
-def submit_debug(
-    specs: Sequence[RunSpec],
+LAUNCHER_CLASSES: dict[str, type[Launcher]] = {
+    "slurm": SlurmLauncher,
+    "local": LocalLauncher,
+    "debug": DebugLauncher,
+}
+
+
+def build_launcher(
+    section: Mapping[str, Any] | None,
     sweep_dir: Path,
     options: RunOptions,
-    lc: Mapping[str, Any],
-    out=sys.stderr,
-) -> Submitted:
-    """In this process, one run after another (breakpoints work; pdb only if launcher.pdb)."""
-    ex = submitit.DebugExecutor(folder=sweep_dir / "logs")
-    job_ids, failed = [], []
-    for i, spec in enumerate(specs, 1):
-        run_dir = sweep_dir / "runs" / spec.run_id
-        job = ex.submit(RunJob(), spec, str(run_dir), options)
-        record_attempt(
-            run_dir,
-            {
-                "executor": "debug",
-                "job_id": job.job_id,
-                "pid": os.getpid(),
-                "pid_start": process_start_time(os.getpid()),
-                "stdout": str(job.paths.stdout),
-                "stderr": str(job.paths.stderr),
-            },
-        )
-        job_ids.append(job.job_id)
-        if lc.get("pdb"):
-            job.result()  # submitit's DebugJob drops into pdb on failure
-        err = _finish(run_dir, job)
-        if err:
-            failed.append(spec.run_id)
-            job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.paths.stderr, "a") as f:
-                f.write(err + "\n")
-        print(
-            f"[{i}/{len(specs)}] {spec.run_id} {_describe(spec)}: {'FAILED ' + err if err else 'done'}",
-            file=out,
-            flush=True,
-        )
-    return Submitted(tuple(job_ids), 0, tuple(failed))
+    resources: ResourceModel,
+) -> Launcher:
+    """The launcher the `launcher:` section asks for (auto resolved), validated."""
+    name, settings = launcher_settings(section)
+    cls = LAUNCHER_CLASSES[name]
+    return cls(
+        name, settings, Path(sweep_dir), options, resources, blocking=cls is not SlurmLauncher
+    )
 
 
 def _export_pythonpath() -> None:
@@ -532,22 +634,3 @@ def _export_pythonpath() -> None:
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
-
-
-def submit(
-    launcher: str,
-    specs: Iterable[RunSpec],
-    sweep_dir: Path,
-    options: RunOptions,
-    lc: Mapping[str, Any],
-    rm: ResourceModel,
-) -> Submitted:
-    specs = list(specs)
-    if not specs:
-        return Submitted((), 0)
-    _export_pythonpath()
-    if launcher == "slurm":
-        return submit_slurm(specs, sweep_dir, options, lc, rm)
-    if launcher == "local":
-        return submit_local(specs, sweep_dir, options, lc)
-    return submit_debug(specs, sweep_dir, options, lc)

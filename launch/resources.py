@@ -1,7 +1,7 @@
 """Resources per run from its FLOPs: GPUs, nodes and walltime, bucketed into a few classes.
 
-Compute is 6 * Na * D (Na = activated non-embedding parameters; N for dense models), the usual
-training-FLOPs estimate. Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
+Compute is D x flops.run_flops_per_token(spec) (the non-embedding M plus the LM head: the same
+function the trainer's MFU uses). Time = compute / (MFU * peak FLOP/s * GPUs). Walltimes are rounded up to
 powers of two minutes so that a grid of thousands of runs falls into a handful of resource classes,
 each of which becomes one SLURM job array (a few sbatch calls, never one per run).
 
@@ -17,7 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from steplaw_train import flops as flops_mod
+from steplaw_train.keys import check_keys
 from steplaw_train.spec import RunSpec, SpecError, check_int, check_real
+
+DEFAULT_PEAK_TFLOPS = flops_mod.peak_flops(flops_mod.DEFAULT_DEVICE) / 1e12
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class ResourceModel:
     """Assumptions behind the estimate; configs/sweep.yaml `resources:` sets them."""
 
     mfu: float = 0.35  # model FLOPs utilisation assumed for the estimate
-    peak_tflops: float = 989.0  # per device (H100 SXM bf16 dense); a CPU core is ~0.05
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS  # per device (flops.py's table); a CPU core ~0.05
     gpus_per_node: int = 8  # 0 = CPU-only jobs (the demo shapes, the CI cluster)
     max_nodes: int = 16
     target_hours: float = 24.0  # use more GPUs (powers of two) until a run fits in this time
@@ -39,12 +43,7 @@ class ResourceModel:
 
 def resource_model(cfg: Mapping[str, Any] | None) -> ResourceModel:
     d = dict(cfg or {})
-    allowed = {f.name for f in fields(ResourceModel)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"resources.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, {f.name for f in fields(ResourceModel)}, "resources")
     rm = ResourceModel(**d)
     check_resources(rm)
     return rm
@@ -104,8 +103,8 @@ class ResourceClass:
 
 
 def flops(spec: RunSpec) -> float:
-    """6 * Na * D training FLOPs."""
-    return 6.0 * spec.Na * spec.D
+    """Training FLOPs of the whole run: D tokens x FLOPs per token (flops.py)."""
+    return flops_mod.run_flops_per_token(spec) * spec.D
 
 
 def device_hours(spec: RunSpec, rm: ResourceModel) -> float:

@@ -3,13 +3,13 @@
 States: done / diverged (result.json), queued / running (a recorded job SLURM or this machine still
 has), preempted (its job ended without a result but can resume: SLURM preempted, timed out or
 cancelled it, or the local process died), failed (its job ended with an error), pending (never
-submitted). The files (`runs/<run_id>/launch.json`, `submissions.jsonl`) are written by
-launch/executors.py; this module only reads them and asks SLURM (`sacct`, `squeue`) in one call.
+submitted). `runs/<run_id>/launch.json` is written by launch/executors.py, `submissions.jsonl`
+by the sweep driver; this module only reads them (through steplaw_train/rundir.py) and asks SLURM
+(`sacct`, `squeue`) in one call. A damaged result.json is "failed" with the problem as detail.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from steplaw_train import rundir
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 
 STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
@@ -55,16 +56,8 @@ class RunStatus:
     log: Path | None = None  # the last attempt's log (stderr) for failures
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def attempts(run_dir: Path) -> list[dict]:
-    rec = read_json(run_dir / "launch.json")
-    return list(rec.get("attempts", [])) if rec else []
+    return rundir.read_attempts(run_dir)
 
 
 # ---- the scheduler's view ----------------------------------------------------------------------
@@ -136,10 +129,13 @@ def _pid_alive(pid: int | None, started: float | None = None) -> bool:
 # ---- one run -----------------------------------------------------------------------------------
 def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) -> RunStatus:
     rid = run_dir.name
-    result = read_json(run_dir / "result.json")
     tries = attempts(run_dir)
     last = tries[-1] if tries else {}
     job = last.get("job_id")
+    try:
+        result = rundir.read_result(run_dir)
+    except rundir.CorruptRecord as e:
+        return RunStatus(rid, "failed", len(tries), job, str(e))
     if result is not None:
         state = "diverged" if result.get("status") == "diverged" else "done"
         return RunStatus(rid, state, len(tries), job, f"loss={result.get('smooth_loss')}")
@@ -171,7 +167,7 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
 
 def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
     """States of the given runs; one sacct + one squeue call for the whole sweep."""
-    dirs = [sweep_dir / "runs" / r for r in run_ids]
+    dirs = [rundir.run_dir(sweep_dir, r) for r in run_ids]
     jobs = [a["job_id"] for d in dirs for a in attempts(d)[-1:] if a.get("executor") == "slurm"]
     slurm = slurm_states(jobs)
     return [run_state(d, slurm) for d in dirs]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from steplaw_train import rundir
 from steplaw_train.shield import helper_initializer
 
 COMPLETE = "complete"
@@ -50,7 +51,7 @@ class TrainState:
 
 
 def ckpt_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return rundir.checkpoints_dir(run_dir)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -1,4 +1,5 @@
-"""Hydra config sections → RunSpec / RunOptions. The only module that knows the YAML layout.
+"""Hydra config sections → RunSpec / RunOptions: the layout of the model/data/train/options
+sections (grid.yaml_presets reads the model and data groups' files for grid axes, data.py its recipes).
 
 The YAML tree lives in the repository's top-level `configs/` (the user's layout); installed
 elsewhere, point STEPLAW_CONFIG_DIR at a copy of it.
@@ -14,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from steplaw_train.keys import check_keys
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import (
     DataSpec,
@@ -80,12 +82,7 @@ def spec_from_cfg(cfg: Any) -> RunSpec:
 
 def options_from_cfg(section: Any) -> RunOptions:
     d = _plain(section, "options") if section is not None else {}
-    allowed = {f.name for f in fields(RunOptions)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"options.{sorted(unknown)[0]}", f"unknown option; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, [f.name for f in fields(RunOptions)], "options")
     if d.get("data_root") is not None:
         d["data_root"] = Path(d["data_root"]).expanduser()
     return RunOptions(**d)

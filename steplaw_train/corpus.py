@@ -21,8 +21,6 @@ Concurrent first use by several processes is serialised with an flock on a lock 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
 import importlib.util
 import json
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from steplaw_train import locks
 from steplaw_train.spec import SpecError
 from steplaw_train.tokenizer import Tokenizer
 
@@ -57,18 +56,6 @@ def dataset_exists(prefix: Path) -> bool:
 def read_meta(prefix: Path) -> dict[str, Any] | None:
     p = Path(f"{prefix}.json")
     return json.loads(p.read_text()) if p.is_file() else None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path` (created if needed); released on exit or process death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ---- documents --------------------------------------------------------------------------------
@@ -232,7 +219,7 @@ def ensure_demo_dataset(name: str, tok: Tokenizer, data_root: Path) -> dict[str,
     prefix = dataset_prefix(name, tok.name, data_root)
     if dataset_exists(prefix):
         return None
-    with file_lock(Path(data_root) / ".locks" / f"demo-{tok.name}-{name}.lock"):
+    with locks.file_lock(Path(data_root) / ".locks" / f"demo-{tok.name}-{name}.lock"):
         if dataset_exists(prefix):
             return None
         docs, source = demo_documents(name)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from steplaw_train import corpus
+from steplaw_train import corpus, locks
 from steplaw_train.spec import DataSpec, SpecError
 from steplaw_train.tokenizer import (
     BYTE,
@@ -211,7 +211,7 @@ def _cache_lock(data_root: Path, entry: str) -> Iterator[None]:
     if dist.is_initialized() and dist.get_rank() != 0:
         yield
         return
-    with corpus.file_lock(data_root / ".locks" / f"index-{entry}.lock"):
+    with locks.file_lock(data_root / ".locks" / f"index-{entry}.lock"):
         yield
 
 

@@ -64,12 +64,23 @@ def cuda_device_index(local_rank: int, device_count: int) -> int:
     return local_rank % device_count
 
 
+def env_world_size() -> int:
+    """Processes of this run, from torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS); 1 alone.
+    The one parser of the world size: the trainer's plan and `init` both use it."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def env_rank() -> int:
+    """This process's rank before the process group exists (0 for a lone process)."""
+    return 0 if env_world_size() == 1 else _env_int("RANK", "SLURM_PROCID", default=0)
+
+
 def init(use_cuda: bool) -> World:
     """Initialise torch.distributed and megatron's parallel state (TP = PP = 1)."""
     from megatron.core import parallel_state
 
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world = env_world_size()
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if world == 1:
         rank, local = 0, 0  # a lone process whatever a stale RANK/LOCAL_RANK says

@@ -48,3 +48,17 @@ def peak_flops(device_name: str) -> float | None:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             return peak
     return None
+
+
+def run_flops_per_token(spec) -> float:
+    """`flops_per_token` of a RunSpec (its counts, its data's vocabulary, its hidden size)."""
+    return flops_per_token(spec.counts, spec.data.vocab_size, spec.model.hidden)
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak."""
+    return tokens_per_s * flops_per_tok / (devices * peak)
+
+
+# The device the sweep's GPU-hour estimate assumes unless `resources.peak_tflops` says otherwise.
+DEFAULT_DEVICE = "NVIDIA H100 80GB HBM3"

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from steplaw_train import config as cfgmod
+from steplaw_train.cells import cell_key
+from steplaw_train.keys import unknown_keys_message
 from steplaw_train.spec import (
     SEED_RANGE,
     DataSpec,
@@ -34,6 +36,7 @@ from steplaw_train.spec import (
     is_number,
     validate,
 )
+from steplaw_train.steplaw import PAPER
 
 AXES = ("model", "tokens", "tokens_per_param", "lr", "batch_size", "recipe", "seed")
 BLOCK_KEYS = (*AXES, "train", "name")
@@ -53,8 +56,9 @@ class GridError(SpecError):
 
 
 def step_law(N: float, D: float) -> tuple[float, float]:
-    """Step Law (Li et al. 2025): optimal peak LR and batch size in tokens for N params, D tokens."""
-    return 1.79 * N**-0.713 * D**0.307, 0.58 * D**0.571
+    """Step Law (Li et al. 2025, the paper's constants; steplaw.py): optimal peak LR and batch
+    size in tokens for N params, D tokens."""
+    return PAPER.predict(N, D)
 
 
 def round_sig(x: float, digits: int = LR_DIGITS) -> float:
@@ -75,11 +79,9 @@ def window(center: float, span_log2: float, step_log2: float) -> list[float]:
 
 
 def _check_keys(value: Mapping, allowed: Sequence[str], field_name: str, entry: str) -> None:
-    unknown = set(value) - set(allowed)
-    if unknown:
-        raise GridError(
-            field_name, entry, f"unknown key {sorted(unknown)[0]!r}; allowed: {list(allowed)}"
-        )
+    message = unknown_keys_message(value, allowed)
+    if message is not None:
+        raise GridError(field_name, entry, message)
 
 
 def _number(name: str, value: Any, entry: str, positive: bool = True) -> float:
@@ -411,11 +413,6 @@ def _setting_axis(key: str, block: Mapping[str, Any]) -> str | None:
         if field in (block.get("train") or {}):
             return f"train.{field}"
     return None
-
-
-def cell_key(spec: RunSpec) -> tuple[str, str, int]:
-    """(model name, recipe, D): the unit of the paper's LR x BS grids and of the dry-run table."""
-    return (spec.model.name, spec.data.recipe, spec.D)
 
 
 __all__ = [

@@ -18,29 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from steplaw_train import rundir
 from steplaw_train import wandb_export as wx
-from steplaw_train.atomic import write_json as write_json_atomic  # noqa: F401  (re-exported)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines past `last_step` (a resumed run re-logs them), atomically."""
-    if not path.exists():
-        return
-    keep = [r for r in read_metrics(path) if r["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in keep:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class NullLogger:
@@ -67,7 +46,7 @@ class Logger(NullLogger):
 
     def __init__(self, run_dir: Path, wandb_run: Any | None):
         # held open for the whole run (one append per logged step); closed by close()
-        self._file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._file = rundir.open_metrics(run_dir)
         self._wandb = wandb_run
 
     def _mirror(self, what: str, fn) -> None:
@@ -80,7 +59,7 @@ class Logger(NullLogger):
             self._wandb = None
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write((json.dumps(record) + "\n").encode())
         self._file.flush()
         finite = wx.finite(record)
         self._mirror("log", lambda w: w.log(finite, step=record["step"]))

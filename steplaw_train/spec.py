@@ -10,6 +10,7 @@ stay out of the hash: they live in `RunOptions` or are excluded explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,17 +18,11 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from steplaw_train import params
+from steplaw_train.errors import SpecError
+from steplaw_train.keys import check_keys
 
 HASH_EXCLUDED = {("model", "name"), ("data", "recipe")}
 MIN_LR_MODES = ("fixed", "ratio")
-
-
-class SpecError(ValueError):
-    """A spec field has a value the harness cannot run; the message names the field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)
@@ -154,8 +149,10 @@ class RunSpec:
         t = self.train
         return t.min_lr if t.min_lr_mode == "fixed" else t.lr * t.min_lr_ratio
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
+        """The hash of the canonical spec; cached (the spec is frozen), as a sweep asks for it
+        several times per run."""
         return run_id(self)
 
     # ---- (de)serialisation ------------------------------------------------------------------
@@ -343,12 +340,7 @@ def from_plain(cls: type, d: dict[str, Any], prefix: str) -> Any:
     """Build a dataclass from a plain dict, naming unknown keys with the allowed ones."""
     if not isinstance(d, dict):
         raise SpecError(prefix, f"must be a mapping of fields, got {d!r}")
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(d) - allowed
-    if unknown:
-        raise SpecError(
-            f"{prefix}.{sorted(unknown)[0]}", f"unknown field; allowed: {sorted(allowed)}"
-        )
+    check_keys(d, [f.name for f in fields(cls)], prefix)
     required = [
         f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
     ]

@@ -37,14 +37,15 @@ from typing import Any
 import torch
 
 from steplaw_train import checkpoint as ckpt
+from steplaw_train import distributed, flops, rundir
 from steplaw_train import metrics as mx
+from steplaw_train.locks import LockUnsupported
 from steplaw_train.options import DEVICES, RunOptions, validate_options
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 
 
 # ---- plan: pure decisions taken before any work ----------------------------------------------
@@ -70,13 +71,6 @@ class Plan:
 def auto_micro_batch(per_rank: int, max_micro_batch: int) -> int:
     """Largest divisor of the per-rank batch not above max_micro_batch."""
     return max(d for d in range(1, min(per_rank, max(1, max_micro_batch)) + 1) if per_rank % d == 0)
-
-
-def world_size_from_env() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 1
 
 
 def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel: int) -> Plan:
@@ -404,13 +398,6 @@ def moe_aux_loss(spec: RunSpec, num_microbatches: int) -> float | None:
     return total / (n_moe * num_microbatches)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
 def versions() -> dict[str, str]:
     import megatron.core
 
@@ -438,167 +425,309 @@ def device_name(use_cuda: bool) -> str:
 
 
 # ---- the run -----------------------------------------------------------------------------------
-def _finished(run_dir: Path) -> dict | None:
-    path = run_dir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -> dict:
-    """Train `spec` into `run_dir` (resuming if possible); return result.json's content."""
+    """Train `spec` into `run_dir` (resuming if possible); return result.json's content.
+
+    Rank 0 holds the run dir's lock for the run's life (a second trainer is refused; the OS
+    drops the lock when this process dies, so a retry is never blocked). Before anything is
+    written the run dir must belong to this spec and its checkpoints to this format
+    (rundir.check_owner): a changed lr or precision never resumes someone else's checkpoint.
+    """
     run_dir = Path(run_dir)
     options = options or RunOptions()
-    done = _finished(run_dir)
+    done = _finished(run_dir, spec)
     if done is not None:
         return done
     use_cuda = resolve_device(options.device, torch.cuda.is_available())
-    plan = make_plan(spec, options, use_cuda, world_size_from_env())
+    plan = make_plan(spec, options, use_cuda, distributed.env_world_size())
     check_memory(spec, use_cuda)
+    rundir.check_owner(run_dir, spec, checkpoint_format(plan))
     check_data(spec, options)
     apply_determinism(plan)
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
-    if not use_cuda:
-        from steplaw_train import _cpu_compat
+    lock = rundir.owned(run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        done = _finished(run_dir, spec)  # another trainer may have finished it meanwhile
+        if done is not None:
+            return done
+        if options.num_threads:
+            torch.set_num_threads(options.num_threads)
+        if not use_cuda:
+            from steplaw_train import _cpu_compat
 
-        _cpu_compat.apply()
-    from steplaw_train import distributed
+            _cpu_compat.apply()
+        world = distributed.init(use_cuda)
+        flag = SignalFlag()
+        flag.install()
+        try:
+            return _run(spec, run_dir, options, plan, world, flag)
+        finally:
+            flag.restore()
+            distributed.shutdown()
 
-    world = distributed.init(use_cuda)
-    flag = SignalFlag()
-    flag.install()
-    try:
-        return _run(spec, run_dir, options, plan, world, flag)
-    finally:
-        flag.restore()
-        distributed.shutdown()
+
+def _finished(run_dir: Path, spec: RunSpec) -> dict | None:
+    """The run's result if it has finished; refuses a run dir of another spec (check_owner)."""
+    rundir.check_owner(run_dir, spec)
+    return rundir.read_result(run_dir)
+
+
+def checkpoint_format(plan: Plan) -> dict[str, Any]:
+    """What this plan's checkpoints look like (a checkpoint of another format cannot load)."""
+    return rundir.checkpoint_format("bf16" if plan.bf16 else "fp32", plan.distributed_optimizer)
+
+
+@dataclass
+class Loop:
+    """Everything the training loop touches, built once by `_run`'s first steps."""
+
+    spec: RunSpec
+    run_dir: Path
+    options: RunOptions
+    plan: Plan
+    world: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    state: ckpt.TrainState
+    logger: Any
+    meter: Meter
+    batches: Any
+    fwd_bwd: Any
 
 
 def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, flag) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """Prepare → build → record → restore → (step, log, guard, checkpoint)* → result."""
+    prepare_run_dir(run_dir, world)
+    distributed.set_seed(spec.train.seed, plan.use_cuda)
+    model, optimizer, scheduler = build_components(spec, plan)
+    record = record_spec(spec, run_dir, plan, model, world)
+    state, (model, optimizer, scheduler) = restore(
+        spec, run_dir, plan, world, (model, optimizer, scheduler)
+    )
+    dataset = build_dataset(spec, options)
+    logger = _logger(spec, run_dir, options, world, record)
+    t = spec.train
+    loop = Loop(
+        spec=spec,
+        run_dir=run_dir,
+        options=options,
+        plan=plan,
+        world=world,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        logger=logger,
+        batches=batch_iterator(
+            dataset, state.consumed_samples, t.batch_size, world.rank, plan, world.device
+        ),
+        fwd_bwd=_forward_backward_func(),
+        meter=Meter.begin(spec, world, _elapsed_from_metrics(run_dir, state.step)),
+    )
+    try:
+        outcome = Outcome()
+        while loop.state.step < spec.iterations and outcome.status == "done":
+            outcome = train_step(loop, flag)
+        return finish(loop, outcome)
+    except BaseException:
+        loop.logger.close(exit_code=1)  # wandb shows the run as failed, not finished
+        raise
+    finally:
+        loop.logger.close()
 
-    from steplaw_train import distributed
-    from steplaw_train.model import count_parameters
 
+# ---- the loop's named steps ----------------------------------------------------------------------
+def prepare_run_dir(run_dir: Path, world) -> None:
+    """The run dir exists; a checkpoint a kill left half-written is gone."""
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run_dir)
-    distributed.set_seed(spec.train.seed, plan.use_cuda)
-    model, optimizer, scheduler = build_components(spec, plan)
-    derived = {
-        **spec.derived(),
+
+
+def record_spec(spec: RunSpec, run_dir: Path, plan: Plan, model, world) -> dict[str, Any]:
+    """spec.json with how this run executes (the built model's counts, micro-batching,
+    precision), and the checkpoints' format record; returns the spec document (wandb config)."""
+    from steplaw_train.model import count_parameters
+
+    execution = {
         "parameters": count_parameters(model.module),
         "micro_batch_size": plan.micro_batch_size,
         "num_microbatches": plan.num_microbatches,
         "data_parallel": plan.data_parallel,
-        "Na_over_N": spec.Na / spec.N,
         "precision": "bf16" if plan.bf16 else "fp32",
     }
     if world.is_main:
-        mx.write_json_atomic(run_dir / "spec.json", {"spec": spec.to_dict(), "derived": derived})
+        rundir.write_spec(run_dir, spec, execution)
+        rundir.write_checkpoint_format(run_dir, spec.run_id, checkpoint_format(plan))
+    return rundir.spec_doc(spec, execution)
 
-    state = ckpt.load_latest(run_dir, model, optimizer, scheduler)  # falls back if unloadable
-    if state is None:  # none loaded, but the attempts touched the objects: start clean
+
+def restore(spec: RunSpec, run_dir: Path, plan: Plan, world, objects: tuple) -> tuple[Any, tuple]:
+    """The latest loadable checkpoint's state (older ones are tried when the newest fails:
+    checkpoint.load_latest) and the objects it was loaded into; a fresh state and fresh objects
+    if none loads (a failed attempt may have touched them). Metrics past the state are dropped."""
+    model, optimizer, scheduler = objects
+    state = ckpt.load_latest(run_dir, model, optimizer, scheduler)
+    if state is None:
         distributed.set_seed(spec.train.seed, plan.use_cuda)
         model, optimizer, scheduler = build_components(spec, plan)
         state = ckpt.TrainState()
     if world.is_main:
-        mx.truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    dataset = build_dataset(spec, options)
+        rundir.truncate_metrics(run_dir, state.step)
+    return state, (model, optimizer, scheduler)
 
-    logger = mx.build_logger(
+
+def _logger(spec: RunSpec, run_dir: Path, options: RunOptions, world, record) -> Any:
+    return mx.build_logger(
         world.is_main,
         run_dir,
         spec.run_id,
-        {"spec": spec.to_dict(), "derived": derived},
+        {"spec": record["spec"], "derived": record["derived"]},
         options.wandb_project,
         options.wandb_group,
         options.wandb_mode,
     )
-    t = spec.train
-    total = spec.iterations
-    data_iter = batch_iterator(
-        dataset, state.consumed_samples, t.batch_size, world.rank, plan, world.device
-    )
-    fwd_bwd = get_forward_backward_func()
-    flops_peak = peak_flops(world.device)
-    status, reason, last_loss = "done", None, math.nan
-    start = time.perf_counter()
-    elapsed0 = _elapsed_from_metrics(run_dir, state.step)
-    t_log = time.perf_counter()
-    tokens_since_log = 0
-    try:
-        while state.step < total:
-            step = state.step + 1
-            model.train()
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            scheduler.step(increment=1)  # update `step` uses lr_at(step) (schedule.py)
-            reported = fwd_bwd(
-                forward_step_func=forward_step,
-                data_iterator=data_iter,
-                model=[model],
-                num_microbatches=plan.num_microbatches,
-                seq_length=t.seq_len,
-                micro_batch_size=plan.micro_batch_size,
-                forward_only=False,
-            )
-            _, grad_norm, _ = optimizer.step()
-            loss = _mean_loss(reported, world)
-            aux = moe_aux_loss(spec, plan.num_microbatches)
-            state.step = step
-            state.consumed_samples += t.batch_size
-            tokens_since_log += spec.tokens_per_step
-            last_loss = loss
-            diverged = update_divergence(state, loss, step, spec.warmup_steps, options)
-            if step % t.log_interval == 0 or diverged or step == total:
-                now = time.perf_counter()
-                rec = {
-                    "step": step,
-                    "tokens": state.consumed_samples * t.seq_len,
-                    "loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9),
-                    "elapsed_s": elapsed0 + now - start,
-                }
-                if flops_peak:
-                    rec["mfu"] = rec["tokens_per_s"] * spec.M / (world.world_size * flops_peak)
-                if aux is not None:
-                    rec["moe_aux_loss"] = aux
-                logger.log(rec)
-                t_log, tokens_since_log = now, 0
-            if diverged:
-                status, reason = "diverged", diverged
-                break
-            signum = flag.agree(world.world_size)
-            if step % options.checkpoint_interval == 0 or signum is not None:
-                if step < total:
-                    save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan)
-                if signum is not None:
-                    logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
-                    flag.reraise()
-        result = _result(
-            spec,
-            run_dir,
-            plan,
-            state,
-            status,
-            reason,
-            last_loss,
-            elapsed0 + time.perf_counter() - start,
+
+
+def _forward_backward_func():
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()
+
+
+@dataclass
+class Meter:
+    """Throughput, wall time and MFU between logged steps (MFU from flops.py, as the sweep's
+    GPU-hour estimate: the same FLOPs per token, LM head included)."""
+
+    start: float
+    elapsed0: float
+    flops_per_token: float
+    peak: float | None
+    world_size: int
+    t_log: float = 0.0
+    tokens: int = 0
+
+    @classmethod
+    def begin(cls, spec: RunSpec, world, elapsed0: float) -> Meter:
+        now = time.perf_counter()
+        peak = (
+            flops.peak_flops(torch.cuda.get_device_name(world.device))
+            if world.device.type == "cuda"
+            else None
         )
-        if world.is_main:
-            logger.summary(result)
-            mx.write_json_atomic(run_dir / "result.json", result)
-        if world.world_size > 1:
-            torch.distributed.barrier()  # every rank returns the record rank 0 wrote
-            result = json.loads((run_dir / "result.json").read_text())
-        return result
-    except BaseException:
-        logger.close(exit_code=1)  # wandb shows the run as failed, not finished
-        raise
-    finally:
-        logger.close()
+        fpt = flops.run_flops_per_token(spec)
+        return cls(now, elapsed0, fpt, peak, world.world_size, t_log=now)
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.start
+
+    def take(self) -> dict[str, float]:
+        """tokens_per_s, elapsed_s (and mfu on a known GPU) since the last take; resets."""
+        now = time.perf_counter()
+        rec = {
+            "tokens_per_s": self.tokens / max(now - self.t_log, 1e-9),
+            "elapsed_s": self.elapsed0 + now - self.start,
+        }
+        if self.peak:
+            rec["mfu"] = flops.mfu(
+                rec["tokens_per_s"], self.flops_per_token, self.world_size, self.peak
+            )
+        self.t_log, self.tokens = now, 0
+        return rec
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the loop ended so far: "done" (keep going / finished) or "diverged" with why."""
+
+    status: str = "done"
+    reason: str | None = None
+    last_loss: float = math.nan
+
+
+def train_step(loop: Loop, flag: SignalFlag) -> Outcome:
+    """One optimizer step, then its record, the divergence guard and the checkpoint/signal."""
+    spec, state = loop.spec, loop.state
+    step = state.step + 1
+    loss, grad_norm, aux = forward_backward(loop)
+    state.step = step
+    state.consumed_samples += spec.train.batch_size
+    loop.meter.tokens += spec.tokens_per_step
+    diverged = update_divergence(state, loss, step, spec.warmup_steps, loop.options)
+    if step % spec.train.log_interval == 0 or diverged or step == spec.iterations:
+        loop.logger.log(metrics_record(loop, loss, grad_norm, aux))
+    if diverged:
+        return Outcome("diverged", diverged, loss)
+    checkpoint_or_stop(loop, flag)
+    return Outcome(last_loss=loss)
+
+
+def forward_backward(loop: Loop) -> tuple[float, Any, float | None]:
+    """megatron's forward/backward over the micro-batches and the optimizer step."""
+    loop.model.train()
+    loop.model.zero_grad_buffer()
+    loop.optimizer.zero_grad()
+    loop.scheduler.step(increment=1)  # update `step` uses lr_at(step) (schedule.py)
+    reported = loop.fwd_bwd(
+        forward_step_func=forward_step,
+        data_iterator=loop.batches,
+        model=[loop.model],
+        num_microbatches=loop.plan.num_microbatches,
+        seq_length=loop.spec.train.seq_len,
+        micro_batch_size=loop.plan.micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = loop.optimizer.step()
+    loss = _mean_loss(reported, loop.world)
+    return loss, grad_norm, moe_aux_loss(loop.spec, loop.plan.num_microbatches)
+
+
+def metrics_record(loop: Loop, loss: float, grad_norm, aux: float | None) -> dict[str, Any]:
+    rec = {
+        "step": loop.state.step,
+        "tokens": loop.state.consumed_samples * loop.spec.train.seq_len,
+        "loss": loss,
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        **loop.meter.take(),
+    }
+    if aux is not None:
+        rec["moe_aux_loss"] = aux
+    return rec
+
+
+def checkpoint_or_stop(loop: Loop, flag: SignalFlag) -> None:
+    """Checkpoint every `checkpoint_interval` steps and when a signal arrived; after a signal's
+    checkpoint hand the signal on (the process ends or is requeued there)."""
+    signum = flag.agree(loop.world.world_size)
+    step = loop.state.step
+    if step % loop.options.checkpoint_interval == 0 or signum is not None:
+        if step < loop.spec.iterations:
+            save_checkpoint(
+                loop.run_dir,
+                loop.model,
+                loop.optimizer,
+                loop.scheduler,
+                loop.state,
+                loop.options,
+                loop.plan,
+            )
+        if signum is not None:
+            loop.logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
+            flag.reraise()
+
+
+def finish(loop: Loop, outcome: Outcome) -> dict:
+    """result.json from rank 0; every rank returns the record rank 0 wrote."""
+    result = build_result(loop, outcome)
+    if loop.world.is_main:
+        loop.logger.summary(result)
+        result = rundir.write_result(loop.run_dir, result)
+    if loop.world.world_size > 1:
+        torch.distributed.barrier()
+        result = rundir.read_result(loop.run_dir)
+    return result
 
 
 def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: Plan) -> None:
@@ -620,7 +749,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: 
 
 def _elapsed_from_metrics(run_dir: Path, step: int) -> float:
     """Wall time already spent before a resume (the last kept metrics line's elapsed_s)."""
-    rows = mx.read_metrics(run_dir / "metrics.jsonl")
+    rows = rundir.read_metrics(run_dir)
     return float(rows[-1]["elapsed_s"]) if step > 0 and rows else 0.0
 
 
@@ -670,25 +799,28 @@ def update_divergence(
     return None
 
 
-def _result(spec, run_dir, plan, state, status, reason, last_loss, wall) -> dict:
-    losses = [r["loss"] for r in mx.read_metrics(run_dir / "metrics.jsonl")]
+def build_result(loop: Loop, outcome: Outcome) -> dict:
+    """result.json's content (rundir.py adds the schema version)."""
+    spec, state = loop.spec, loop.state
+    losses = [r["loss"] for r in rundir.read_metrics(loop.run_dir)]
+    diverged = outcome.status == "diverged"
     result = {
         "run_id": spec.run_id,
-        "status": status,
-        "final_loss": last_loss,
+        "status": outcome.status,
+        "final_loss": outcome.last_loss,
         "smooth_loss": math.inf
-        if status == "diverged"
+        if diverged
         else smoothed_final_loss(losses, spec.train.log_interval),
         "steps": state.step,
         "planned_steps": spec.iterations,
         "tokens": state.consumed_samples * spec.train.seq_len,
-        "wall_time_s": wall,
+        "wall_time_s": loop.meter.elapsed(),
         "versions": versions(),
-        "device": device_name(plan.use_cuda),
-        "precision": "bf16" if plan.bf16 else "fp32",
+        "device": device_name(loop.plan.use_cuda),
+        "precision": "bf16" if loop.plan.bf16 else "fp32",
     }
-    if reason is not None:
-        result["reason"] = reason
+    if outcome.reason is not None:
+        result["reason"] = outcome.reason
     return result
 
 
@@ -712,7 +844,7 @@ def main() -> None:
     def _main(cfg) -> None:
         try:
             result = run_from_cfg(cfg)
-        except SpecError as e:
+        except (SpecError, LockUnsupported) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except ckpt.CheckpointSaveError as e:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steplaw_train import rundir
+
 EXPORT_DIR = "wandb_export"  # default output folder, inside the run or sweep directory
 FINGERPRINT = "steplaw_export.json"  # written into each exported offline run folder
 SUMMARY_KEYS = ("status", "final_loss", "smooth_loss", "steps", "tokens", "wall_time_s")
@@ -145,51 +147,41 @@ class RunRecord:
 
 
 def _read_json(path: Path) -> dict | None:
+    """rundir.read_json, with a damaged record read as absent (the export skips what it lacks)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return rundir.read_json(path)
+    except rundir.CorruptRecord:
         return None
 
 
 def read_metrics_lines(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a killed writer's partial last line is dropped, any other bad
-    line is an error naming it (the curve would be wrong)."""
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-    return out
+    """metrics.jsonl's records (rundir.read_metrics): a killed writer's partial last line is
+    dropped, any other bad line is an error naming it (the curve would be wrong)."""
+    return rundir.read_metrics(Path(path).parent)
 
 
 def _status(run_dir: Path, result: dict | None) -> tuple[str, int]:
     if result is not None:
         return str(result.get("status", "done")), 0
-    launch = _read_json(run_dir / "launch.json") or {}
+    launch = _read_json(rundir.launch_path(run_dir)) or {}
     last = (launch.get("attempts") or [{}])[-1]
     return ("failed", 1) if last.get("state") == "failed" else ("unfinished", 1)
 
 
 def read_run(run_dir: Path) -> RunRecord:
-    doc = _read_json(run_dir / "spec.json")
+    doc = _read_json(rundir.spec_path(run_dir))
     if doc is None or "spec" not in doc:
         raise ValueError(f"{run_dir}: no readable spec.json")
-    result = _read_json(run_dir / "result.json")
+    result = _read_json(rundir.result_path(run_dir))
     status, code = _status(run_dir, result)
-    metrics = tuple(read_metrics_lines(run_dir / "metrics.jsonl"))
+    metrics = tuple(rundir.read_metrics(run_dir))
     return RunRecord(run_dir, doc, metrics, result, status, code)
 
 
 def fingerprint(run_dir: Path) -> str:
     """Hash of every file the export reads: unchanged files → the same export."""
     h = hashlib.sha256()
-    for name in ("spec.json", "metrics.jsonl", "result.json", "launch.json"):
+    for name in (rundir.SPEC, rundir.METRICS, rundir.RESULT, rundir.LAUNCH):
         p = run_dir / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"<absent>") + b"\0")
     return h.hexdigest()
@@ -199,7 +191,7 @@ def find_run_dirs(path: Path) -> list[Path]:
     """`path` itself if it is a run dir, else every run dir below it (sweep/runs/<id>/)."""
     found = []
     for root, dirs, files in os.walk(path):
-        if "spec.json" in files:
+        if rundir.SPEC in files:
             found.append(Path(root))
             dirs.clear()  # a run dir's checkpoints/ and wandb/ hold no other runs
         else:
@@ -211,7 +203,7 @@ def sweep_group(run_dir: Path) -> str | None:
     """The sweep's name (its manifest's grid, as live logging uses) for sweep/runs/<id>/."""
     if run_dir.parent.name != "runs":
         return None
-    manifest = _read_json(run_dir.parent.parent / "manifest.json") or {}
+    manifest = _read_json(run_dir.parent.parent / rundir.MANIFEST) or {}
     return manifest.get("grid") or run_dir.parent.parent.name
 
 

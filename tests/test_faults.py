@@ -30,19 +30,17 @@ from launch.status import RunStatus, run_state, sweep_states
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import grid as g
 from steplaw_train.config import config_dir
-from steplaw_train.metrics import read_metrics
 from steplaw_train.options import validate_options
+from steplaw_train.rundir import read_metrics
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.spec import ModelSpec, SpecError, validate
-from steplaw_train.sweep import expand_from_cfg, select
+from steplaw_train.sweep import expand_from_cfg
+from steplaw_train.sweep.common import select
 from steplaw_train.train import check_memory, run
 from tests.conftest import tiny_options, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = {"tokens": 4 * 32 * 40}  # 40 steps; checkpoints at 10, 20, 30 (two kept)
-ARCH = pytest.mark.xfail(
-    strict=True, reason="ARCH: run-directory class of issue 16 (rundir.py); drop once merged"
-)
 SECRETS = {"WANDB_API_KEY": "dummy-wandb-key-3f9a1c77", "HF_TOKEN": "hf_dummytoken0b5e2d9"}
 
 
@@ -51,7 +49,7 @@ def _opts(data_root: Path, **kw):
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -278,7 +276,7 @@ def test_entry_points_print_one_line_and_exit_2(tmp_path):
     damaged = tmp_path / "damaged"
     (damaged / "runs" / "r1").mkdir(parents=True)
     (damaged / "manifest.json").write_text('{"grid": "x"}')  # no run_ids
-    _one_line_error(_cli("-m", "steplaw_train.status", str(damaged)), "damaged")
+    _one_line_error(_cli("-m", "steplaw_train.sweep.status", str(damaged)), "damaged")
 
 
 # ---- checkpoints: fall back past an unloadable newest, name a failed save -----------------------
@@ -508,7 +506,6 @@ def test_secrets_are_never_written(tmp_path, data_root, monkeypatch):
 
 
 # ---- ARCH: run-directory classes, checked through the public entry points ---------------------
-@ARCH
 def test_arch_torn_last_metrics_line_does_not_block_resume(interrupted, data_root, reference):
     with open(interrupted / "metrics.jsonl", "a") as f:
         f.write('{"step": 41, "lo')  # a kill or full disk mid-line
@@ -516,7 +513,6 @@ def test_arch_torn_last_metrics_line_does_not_block_resume(interrupted, data_roo
     assert _losses(interrupted) == _losses(reference)
 
 
-@ARCH
 def test_arch_a_run_dir_refuses_another_spec(interrupted, data_root):
     before = (interrupted / "spec.json").read_bytes()
     other = tiny_spec(**{**SPEC, "lr": 1e-3})
@@ -526,14 +522,10 @@ def test_arch_a_run_dir_refuses_another_spec(interrupted, data_root):
     assert (interrupted / "spec.json").read_bytes() == before
 
 
-@ARCH
 def test_arch_status_reads_a_torn_submissions_line(tmp_path):
     import importlib
 
-    try:  # the status CLI may move into the steplaw_train.sweep subpackage (issue 10)
-        status_cli = importlib.import_module("steplaw_train.sweep.status")
-    except ImportError:
-        status_cli = importlib.import_module("steplaw_train.status")
+    status_cli = importlib.import_module("steplaw_train.sweep.status")
     sw = tmp_path / "sw"
     (sw / "runs" / "r1").mkdir(parents=True)
     (sw / "manifest.json").write_text(json.dumps({"grid": "x", "run_ids": ["r1"]}))

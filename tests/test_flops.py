@@ -1,50 +1,44 @@
-"""FLOPs per token with the LM head, pinned on two released shapes, and the device peak table."""
+"""One FLOPs function for the sweep's GPU-hours and the trainer's MFU (steplaw_train/flops.py)."""
 
 from __future__ import annotations
 
 import pytest
-import yaml
+import torch
+from hydra import compose, initialize_config_dir
 
-from steplaw_train import flops, params
+from launch.resources import device_hours, flops, resource_model
+from steplaw_train import flops as flops_mod
 from steplaw_train.config import config_dir
-
-VOCAB = 32000  # configs/data/paper.yaml
-SEQ = 2048
-
-
-def _counts(preset: str):
-    m = yaml.safe_load((config_dir() / "model" / f"{preset}.yaml").read_text())
-    return m, params.count(m["hidden"], m["ffn_hidden"], m["layers"], SEQ)
+from steplaw_train.distributed import World
+from steplaw_train.sweep import expand_from_cfg
+from steplaw_train.train import Meter
 
 
-@pytest.mark.parametrize(
-    ("preset", "total", "head_share"),
-    [
-        # 6 (4h + 3 ffnh + 2 seq) L h + 6 V h, by hand: 1B = 7.248e9 + 0.393e9; 60M = 474.2e6 + 147.5e6
-        ("dense_1b", 7.2478e9 + 0.39322e9, 0.051),
-        ("dense_60m", 474.22e6 + 147.46e6, 0.237),
-    ],
-)
-def test_flops_per_token_include_the_lm_head(preset, total, head_share):
-    m, counts = _counts(preset)
-    got = flops.flops_per_token(counts, VOCAB, m["hidden"])
-    assert got == pytest.approx(total, rel=1e-4)
-    head = flops.lm_head_flops_per_token(VOCAB, m["hidden"])
-    assert head == 6 * VOCAB * m["hidden"] and got == counts.M + head
-    assert head / got == pytest.approx(head_share, abs=0.002)  # the share MFU used to leave out
+@pytest.fixture(scope="module")
+def dense_1b():
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("sweep", overrides=["+grid=dense_1b"])
+    return expand_from_cfg(cfg)[0], resource_model(cfg.resources)
 
 
-@pytest.mark.parametrize(
-    ("name", "peak"),
-    [
-        ("NVIDIA H100 80GB HBM3", 989e12),
-        ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H100 NVL", 835e12),
-        ("NVIDIA H200", 989e12),
-        ("NVIDIA H800 PCIe", 756e12),
-        ("NVIDIA A100-SXM4-80GB", 312e12),
-        ("Tesla T4", None),
-    ],
-)
-def test_peak_flops_by_device_model_not_by_substring_of_the_sxm_part(name, peak):
-    assert flops.peak_flops(name) == peak
+def test_gpu_hours_and_mfu_count_the_same_flops_on_dense_1b(dense_1b):
+    spec, rm = dense_1b
+    meter = Meter.begin(spec, World(0, 1, 0, torch.device("cpu")), 0.0)
+    per_token = meter.flops_per_token  # what the trainer's MFU multiplies tokens/s by
+    assert flops(spec) == pytest.approx(per_token * spec.D)
+    # LM head included: M + 6 V h, more than the old 6 Na D estimate
+    assert per_token == pytest.approx(spec.M + 6 * spec.data.vocab_size * spec.model.hidden)
+    assert flops(spec) > 6 * spec.Na * spec.D
+    # a run that takes exactly the dry run's GPU-hours on one GPU shows the assumed MFU
+    hours = device_hours(spec, rm)
+    tokens_per_s = spec.D / (hours * 3600)
+    achieved = flops_mod.mfu(tokens_per_s, per_token, 1, rm.peak_tflops * 1e12)
+    assert achieved == pytest.approx(rm.mfu)
+
+
+def test_the_default_peak_is_the_table_entry_of_the_default_device():
+    from launch.resources import ResourceModel
+
+    assert ResourceModel().peak_tflops * 1e12 == flops_mod.peak_flops(flops_mod.DEFAULT_DEVICE)
+    assert flops_mod.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops_mod.peak_flops("cpu") is None

@@ -21,7 +21,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from launch import executors
-from steplaw_train import corpus
+from steplaw_train import corpus, locks
 from steplaw_train.config import config_dir, model_from_cfg
 from steplaw_train.distributed import cuda_device_index
 from steplaw_train.model import (
@@ -76,9 +76,14 @@ def test_dry_run_builds_every_model_shape(tmp_path):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(
             "sweep",
-            overrides=["+grid=tiny", block, f"sweep_dir={tmp_path / 'sw'}", "dry_run=true"],
+            overrides=[
+                "+grid=tiny",
+                block,
+                f"sweep_dir={tmp_path / 'sw'}",
+                "dry_run=true",
+                "launcher=local",
+            ],
         )
-    cfg.launcher.name = "local"
     buf = io.StringIO()
     res = sweep(cfg, out=buf)
     assert res.submitted == ()
@@ -239,9 +244,10 @@ def test_submit_local_spreads_runs_over_the_gpus_and_requires_cuda(tmp_path, mon
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     specs = [tiny_spec(lr=lr) for lr in (1e-3, 2e-3, 3e-3, 4e-3)]
     opts = tiny_options(tmp_path / "data")
-    sub = executors.submit_local(
-        specs, tmp_path / "sw", opts, {"parallelism": 4}, out=io.StringIO()
+    launcher = executors.build_launcher(
+        {"name": "local", "parallelism": 4}, tmp_path / "sw", opts, executors.ResourceModel()
     )
+    sub = launcher.submit(specs, out=io.StringIO())
     assert len(sub.failed) == 4
     gpus = []
     for s in specs:
@@ -282,7 +288,7 @@ def test_index_builds_of_different_entries_do_not_wait_for_each_other(data_root)
 
     # one process group for both threads (each would otherwise create and destroy its own)
     with data._process_group():
-        with corpus.file_lock(data_root.resolve() / ".locks" / f"index-{held}.lock"):
+        with locks.file_lock(data_root.resolve() / ".locks" / f"index-{held}.lock"):
             t0 = time.monotonic()
             free = threading.Thread(target=other, args=(101,))
             same = threading.Thread(target=other, args=(100,))

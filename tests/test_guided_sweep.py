@@ -12,12 +12,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.status import RunStatus
-from steplaw_train import guided
-from steplaw_train import status as status_cli
+from steplaw_train import rundir
 from steplaw_train.config import config_dir
 from steplaw_train.search import SearchState
 from steplaw_train.spec import SpecError
-from steplaw_train.sweep import expand_from_cfg, sweep
+from steplaw_train.sweep import expand_from_cfg, guided, sweep
+from steplaw_train.sweep import status as status_cli
 
 # Acceptance grid: one model, one D, 4 LR x 3 BS = 12 runs of 16-64 steps (~1-5 s each).
 # Measured with seed 1234 (smooth loss): bs=1 row 3.11 / 2.86 / 2.91 / 3.00 over lr
@@ -91,9 +91,9 @@ def test_point_loss_and_run_loss():
     assert guided.point_loss([2.0, math.inf]) == math.inf  # a diverged seed: not here
     assert guided.point_loss([2.0, math.nan]) == 2.0
     assert math.isnan(guided.point_loss([math.nan]))
-    assert guided.run_loss({"status": "diverged", "smooth_loss": 1.0}) == math.inf
-    assert guided.run_loss({"status": "done", "smooth_loss": 3.5}) == 3.5
-    assert math.isnan(guided.run_loss({"status": "done", "smooth_loss": None}))
+    assert rundir.result_loss({"status": "diverged", "smooth_loss": 1.0}) == math.inf
+    assert rundir.result_loss({"status": "done", "smooth_loss": 3.5}) == 3.5
+    assert math.isnan(rundir.result_loss({"status": "done", "smooth_loss": None}))
 
 
 @pytest.mark.parametrize(

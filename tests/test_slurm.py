@@ -17,8 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
-from steplaw_train import status as status_cli
 from steplaw_train.config import config_dir
+from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
 
 pytestmark = pytest.mark.slurm
@@ -113,7 +113,7 @@ def test_grid_goes_out_as_one_array_and_completes(array_sweep):
         assert result["status"] == "done" and result["run_id"] == rid
         assert wandb_ids(sw / "runs" / rid) == {rid}
     out = subprocess.run(
-        ["python", "-m", "steplaw_train.status", str(sw), "--json"],
+        ["python", "-m", "steplaw_train.sweep.status", str(sw), "--json"],
         capture_output=True,
         text=True,
         check=True,

@@ -9,9 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
-from steplaw_train import status as status_cli
 from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
+from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
 
 # Two tiny runs of a few seconds each (the `tiny` grid restricted further).
@@ -108,6 +108,98 @@ def test_bad_launcher_is_named_before_any_work(tmp_path, data_root):
     with pytest.raises(SpecError, match="launcher.name.*allowed.*local"):
         sweep(cfg_for(tmp_path / "sw", data_root, "launcher.name=kubernetes"))
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize(
+    "launcher, key, valid",
+    [
+        ("slurm", "partiton", "partition"),
+        ("local", "paralelism", "parallelism"),
+        ("debug", "pbd", "pdb"),
+    ],
+)
+def test_unknown_launcher_key_names_the_valid_ones(tmp_path, data_root, launcher, key, valid):
+    over = (f"launcher={launcher}", f"+launcher.{key}=x", "dry_run=true")
+    with pytest.raises(SpecError, match=rf"launcher\.{key}: unknown key .*'{valid}'"):
+        sweep(cfg_for(tmp_path / "sw", data_root, *over))
+    assert not (tmp_path / "sw").exists()
+
+
+def test_unknown_search_key_of_the_full_search_is_refused(tmp_path, data_root):
+    with pytest.raises(
+        SpecError, match=r"search\.batch: unknown key 'batch'; allowed keys: \['name'\]"
+    ):
+        sweep(cfg_for(tmp_path / "sw", data_root, "+search.batch=2", "dry_run=true"))
+
+
+def test_unknown_launcher_key_on_the_command_line_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "steplaw_train.sweep", "+grid=tiny", "launcher=slurm"]
+    cmd += ["+launcher.partiton=x", "dry_run=true", f"sweep_dir={tmp_path / 'sw'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "launcher.partiton: unknown key" in p.stderr and "'partition'" in p.stderr
+
+
+def test_a_second_sweep_on_a_busy_sweep_dir_is_refused_and_submits_nothing(tmp_path, data_root):
+    """Two terminals, one sweep dir: the second invocation must not train the runs again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sw = tmp_path / "sw"
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom steplaw_train import rundir\n"
+        "with rundir.sweep_owned(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(sw)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SpecError, match=rf"pid {holder.pid}\).*another sweep invocation"):
+            sweep(cfg_for(sw, data_root, "launcher=debug"))
+        assert not (sw / "runs").exists() and not (sw / "submissions.jsonl").exists()
+        assert sweep(cfg_for(sw, data_root, "launcher=debug", "dry_run=true")).submitted == ()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_identical_sweep_commands_train_each_run_once(tmp_path, data_root):
+    """The hostile-user case: the same local sweep started twice from two terminals."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sw = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "steplaw_train.sweep", "+grid=tiny", BLOCK, f"sweep_dir={sw}"]
+    cmd += [f"options.data_root={data_root}", "launcher=local"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    lock = sw / ".sweep.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err.decode()[-2000:]
+    assert second.returncode == 2 and "another sweep invocation" in second.stderr
+    for run_dir in (sw / "runs").iterdir():
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+        assert steps == sorted(set(steps)), run_dir  # trained once: no interleaved restarts
+        assert len(json.loads((run_dir / "launch.json").read_text())["attempts"]) == 1
+    assert counts(sw)["done"] == 2
 
 
 def test_a_job_slurm_does_not_report_yet_is_queued_not_failed(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from steplaw_train import checkpoint as ckpt
-from steplaw_train.metrics import read_metrics
+from steplaw_train.rundir import read_metrics
 from steplaw_train.train import run
 from tests.conftest import tiny_options, tiny_spec
 
@@ -38,7 +38,7 @@ RESULT_KEYS = {
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_run_dir_contract(reference: Path):
     assert set(result) >= RESULT_KEYS and result["status"] == "done"
     assert result["steps"] == result["planned_steps"] == 150
     assert result["tokens"] == 150 * 4 * 32
-    rows = read_metrics(reference / "metrics.jsonl")
+    rows = read_metrics(reference)
     assert [r["step"] for r in rows] == list(range(1, 151))
     assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(
         rows[0]
@@ -207,7 +207,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, data_root):
     b = tmp_path / "k1m4"
     run(spec, a, tiny_options(data_root, micro_batch_size=1))
     run(spec, b, tiny_options(data_root, micro_batch_size=4))
-    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    ra, rb = read_metrics(a), read_metrics(b)
     assert json.loads((a / "spec.json").read_text())["derived"]["num_microbatches"] == 4
     assert json.loads((b / "spec.json").read_text())["derived"]["num_microbatches"] == 1
     for x, y in zip(ra, rb, strict=True):
@@ -219,7 +219,7 @@ def test_moe_run_logs_aux_loss_and_records_activated_fraction(tmp_path: Path, da
     spec = tiny_spec(moe=True, tokens=4 * 32 * 8)
     result = run(spec, tmp_path / "run", tiny_options(data_root))
     assert result["status"] == "done"
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "run")
     assert all(r["moe_aux_loss"] > 0 and math.isfinite(r["moe_aux_loss"]) for r in rows)
     derived = json.loads((tmp_path / "run" / "spec.json").read_text())["derived"]
     assert derived["Na"] < derived["N"]
@@ -332,7 +332,7 @@ def test_sigterm_to_one_rank_checkpoints_all_ranks_at_the_same_step(
     agree (all-reduce of the flag) so the collective checkpoint is taken once, at one step."""
     run_dir = tmp_path / "run"
     proc = spawn(run_dir, data_root)
-    _wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, proc, timeout=120)
+    _wait_for(lambda: len(read_metrics(run_dir)) >= 3, proc, timeout=120)
     rank1 = _rank_pid(proc.pid, 1)
     assert rank1 is not None
     os.kill(rank1, signal.SIGTERM)  # rank 1 only; rank 0 learns of it through the agreement

@@ -20,6 +20,7 @@ import pytest
 
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import metrics as mx
+from steplaw_train import rundir
 from steplaw_train import wandb_export as wx
 from steplaw_train.train import run
 from tests.conftest import tiny_options, tiny_spec
@@ -91,7 +92,7 @@ def test_killed_and_resumed_twice_offline_exports_as_one_run(tmp_path: Path, dat
     first = _kill_after_checkpoint(run_dir, data_root, 0)
     _kill_after_checkpoint(run_dir, data_root, first)
     result = run(tiny_spec(tokens=TOKENS), run_dir, tiny_options(data_root, checkpoint_interval=20))
-    metrics = mx.read_metrics(run_dir / "metrics.jsonl")
+    metrics = rundir.read_metrics(run_dir)
     assert [r["step"] for r in metrics] == list(range(1, 151))
 
     # live offline logging: one folder per start, each a fragment (the reason for the exporter)

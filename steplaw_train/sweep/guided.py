@@ -15,36 +15,41 @@ analysis do not know a search chose them; rerunning the command continues where 
            → when all of a round's runs have ended, feed their losses to the search.
 Blocking launchers (local, debug) loop rounds until every cell is done. SLURM returns after
 submitting a round; rerun the command (a loop, cron) to advance it, or set `search.wait=true` to
-poll until the search is done. A lock file keeps two invocations from submitting the same round.
+poll until the search is done. The sweep dir's lock (rundir.sweep_owned, shared with the full
+sweep) keeps two invocations from submitting the same round: the second is refused.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from launch import executors, status
-from launch.resources import ResourceModel
-from steplaw_train import sweep as sw
-from steplaw_train.options import RunOptions
+from launch import status
+from steplaw_train import atomic, rundir
+from steplaw_train.cells import cell_identity, cell_key
+from steplaw_train.keys import check_keys
 from steplaw_train.search import Cell, Proposal, SearchConfig, SearchState, propose
-from steplaw_train.spec import RunSpec, SpecError, canonical_json
-from steplaw_train.sweep import SweepResult
+from steplaw_train.spec import RunSpec, SpecError
+from steplaw_train.sweep.common import (
+    Setup,
+    SweepResult,
+    check_data,
+    plain,
+    record_submission,
+    record_sweep,
+    select,
+    table,
+)
 
 STATE_FILE = "search_state.json"
-LOCK_FILE = ".search.lock"
 STATE_VERSION = 1
 LAW_N = ("N", "Na")
 SECTION_KEYS = ("name", "prior", "batch", "parallel_cells", "law_n", "wait", "poll_s", "knobs")
@@ -95,20 +100,12 @@ class Pending:
 # ---- configuration (pure) ----------------------------------------------------------------------
 def guided_config(section: Any) -> GuidedConfig:
     """Validate the `search:` section; errors name the field and the allowed values."""
-    d = (
-        OmegaConf.to_container(section, resolve=True)
-        if isinstance(section, DictConfig)
-        else dict(section or {})
-    )
-    unknown = sorted(set(d) - set(SECTION_KEYS))
-    if unknown:
-        raise SpecError(f"search.{unknown[0]}", f"unknown key; allowed: {list(SECTION_KEYS)}")
+    d = plain(section)
+    check_keys(d, SECTION_KEYS, "search")
     if d.get("name", "guided") != "guided":
         raise SpecError("search.name", f"{d.get('name')!r}; allowed: full, guided")
     knobs = dict(d.get("knobs") or {})
-    bad = sorted(set(knobs) - set(KNOBS))
-    if bad:
-        raise SpecError(f"search.knobs.{bad[0]}", f"unknown knob; allowed: {list(KNOBS)}")
+    check_keys(knobs, KNOBS, "search.knobs")
     law_n = str(d.get("law_n", "N"))
     if law_n not in LAW_N:
         raise SpecError("search.law_n", f"{law_n!r}; allowed: {list(LAW_N)}")
@@ -131,21 +128,15 @@ def guided_config(section: Any) -> GuidedConfig:
 
 
 # ---- cells (pure) ------------------------------------------------------------------------------
-def _cell_identity(spec: RunSpec) -> str:
-    """Everything but lr, batch size and seed (labels included: they name the cell)."""
-    neutral = spec.with_train(lr=1.0, batch_size=1, seed=0)
-    return f"{spec.model.name}|{spec.data.recipe}|{canonical_json(neutral)}"
-
-
 def build_cells(specs: Sequence[RunSpec], law_n: str = "N") -> list[GridCell]:
     """Group a grid's specs into search cells; point order (lr, bs) and keys are deterministic."""
     groups: dict[str, list[RunSpec]] = defaultdict(list)
     for spec in specs:
-        groups[_cell_identity(spec)].append(spec)
+        groups[cell_identity(spec)].append(spec)
     labels = defaultdict(list)
     for ident, members in groups.items():
         s = members[0]
-        labels[f"{s.model.name} {s.data.recipe} D={s.D:.4g}"].append(ident)
+        labels[cell_key(s).label].append(ident)
     keys = {}
     for label, idents in labels.items():
         for ident in idents:  # same label, different train overrides: add a short hash
@@ -182,18 +173,12 @@ def point_loss(losses: Sequence[float]) -> float:
     return sum(usable) / len(usable) if usable else math.nan
 
 
-def run_loss(result: Mapping[str, Any] | None) -> float:
-    """A finished run's loss for the search: smooth_loss, inf when diverged, nan when unusable."""
-    if result is None:
-        return math.nan
-    if result.get("status") == "diverged":
-        return math.inf
-    v = result.get("smooth_loss")
+def run_loss(run_dir: Path) -> float:
+    """A run's loss for the search (rundir.result_loss); nan while unfinished or unreadable."""
     try:
-        v = float(v)
-    except (TypeError, ValueError):
+        return rundir.result_loss(rundir.read_result(run_dir))
+    except rundir.CorruptRecord:
         return math.nan
-    return v if v > 0 else math.nan
 
 
 # ---- persistence -------------------------------------------------------------------------------
@@ -207,7 +192,12 @@ def load_state(
     """The saved search (state, pending points, rounds), or a fresh one; refuses a saved search
     made for other cells or knobs (its results would be fed to the wrong points)."""
     fresh = fresh_state(cells, cfg)
-    doc = status.read_json(sweep_dir / STATE_FILE)
+    try:
+        doc = rundir.read_json(sweep_dir / STATE_FILE)
+    except rundir.CorruptRecord as e:
+        raise SpecError(
+            "search", f"{e}; delete it to restart the search (finished runs are reused)"
+        ) from None
     if doc is None:
         return fresh, [], 0
     saved = doc.get("search", {})
@@ -230,7 +220,7 @@ def load_state(
 def save_state(
     sweep_dir: Path, state: SearchState, pending: Sequence[Pending], rounds: int
 ) -> None:
-    executors.write_json_atomic(
+    atomic.write_json(
         sweep_dir / STATE_FILE,
         {
             "version": STATE_VERSION,
@@ -243,23 +233,6 @@ def save_state(
             "search": json.loads(state.to_json()),
         },
     )
-
-
-@contextmanager
-def sweep_lock(sweep_dir: Path) -> Iterator[None]:
-    """One guided invocation per sweep dir at a time (cron + a manual run must not double-submit)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / LOCK_FILE, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpecError(
-                "sweep_dir", f"another guided sweep is running on {sweep_dir}"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- one step of the loop (pure over statuses) -------------------------------------------------
@@ -285,7 +258,7 @@ def resolve(
     submit, failed, waiting = [], [], 0
     for p in pending:
         runs = [states[r] for r in p.run_ids]
-        again = set(sw.select(runs, retry_failed, max_retries))
+        again = set(select(runs, retry_failed, max_retries))
         again -= {r.run_id for r in runs if r.state == "failed" and r.run_id in tried}
         open_ = [r for r in runs if r.state in ("queued", "running") or r.run_id in again]
         submit += [r.run_id for r in runs if r.run_id in again]
@@ -355,121 +328,142 @@ def render(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ---- the driver (side effects) -------------------------------------------------------------------
-def _read_losses(sweep_dir: Path, run_ids: Sequence[str]) -> dict[str, float]:
-    return {r: run_loss(status.read_json(sweep_dir / "runs" / r / "result.json")) for r in run_ids}
+@dataclass
+class Driver:
+    """One guided invocation: the search state it advances and what it has submitted."""
+
+    cfg: Any
+    setup: Setup
+    gcfg: GuidedConfig
+    cells: list[GridCell]
+    state: SearchState
+    pending: list[Pending]
+    rounds: int
+    out: Any
+    submitted: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    calls: int = 0
+
+    @property
+    def by_key(self) -> dict[str, GridCell]:
+        return {g.cell.key: g for g in self.cells}
+
+    def propose_round(self) -> None:
+        """Ask the search for the next points and record them (manifest, spec.json)."""
+        props = propose(self.state)
+        if not props:
+            raise RuntimeError("search: propose() returned nothing for an unfinished search")
+        by_key = self.by_key
+        self.pending = [
+            Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index))) for p in props
+        ]
+        self.rounds += 1
+        save_state(self.setup.sweep_dir, self.state, self.pending, self.rounds)
+        record_sweep(
+            self.setup.sweep_dir, self.cfg, _proposed_specs(self.state, self.pending, by_key)
+        )
+
+    def resolve_pending(self) -> Resolution:
+        ids = [r for p in self.pending for r in p.run_ids]
+        sweep_dir = self.setup.sweep_dir
+        states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids)}
+        losses = {r: run_loss(rundir.run_dir(sweep_dir, r)) for r in ids}
+        res = resolve(
+            self.pending,
+            self.by_key,
+            states,
+            losses,
+            self.setup.retry_failed,
+            self.setup.max_retries,
+            set(self.submitted),
+        )
+        self.failed += res.failed
+        return res
+
+    def submit(self, run_ids: Sequence[str]) -> None:
+        by_id = {s.run_id: s for s in self.setup.specs}
+        todo = [by_id[r] for r in run_ids]
+        sub = self.setup.launcher.submit(todo)
+        self.submitted += run_ids
+        self.job_ids += sub.job_ids
+        self.calls += sub.batch_calls
+        record_submission(self.setup, run_ids, sub, search="guided", round=self.rounds)
+        print(
+            f"round {self.rounds}: submitted {len(todo)} runs to {self.setup.launcher.name}",
+            file=self.out,
+        )
+
+    def feed(self, res: Resolution) -> None:
+        """The round's points have all ended: hand their losses to the search."""
+        self.state = self.state.with_results(res.results)
+        self.pending = []
+        save_state(self.setup.sweep_dir, self.state, self.pending, self.rounds)
+
+    def step(self) -> bool:
+        """One turn of the loop; False when this invocation should stop."""
+        if not self.pending:
+            if self.state.done:
+                return False
+            self.propose_round()
+            return True
+        res = self.resolve_pending()
+        blocking = self.setup.launcher.blocking
+        if res.submit:
+            self.submit(res.submit)
+            if blocking:
+                return True
+        if res.results and not res.submit and not res.waiting:
+            self.feed(res)
+            return True
+        if blocking:  # runs alive on this machine (another process runs them): wait for them
+            time.sleep(min(self.gcfg.poll_s, 5.0))
+            return True
+        if not self.gcfg.wait:
+            return False
+        time.sleep(self.gcfg.poll_s)
+        return True
+
+    def result(self) -> GuidedResult:
+        rows = summary(self.state, self.cells)
+        text = render(rows)
+        print(text, file=self.out)
+        if not self.state.done:
+            n = sum(len(p.run_ids) for p in self.pending)
+            print(
+                f"search not done: {n} runs of round {self.rounds} pending; rerun this command "
+                f"(or set search.wait=true) to advance it; sweep dir {self.setup.sweep_dir}",
+                file=self.out,
+            )
+        return GuidedResult(
+            sweep_dir=self.setup.sweep_dir,
+            specs=self.setup.specs,
+            before={},
+            submitted=tuple(self.submitted),
+            job_ids=tuple(self.job_ids),
+            batch_calls=self.calls,
+            failed=tuple(dict.fromkeys(self.failed)),
+            launcher=self.setup.launcher.name,
+            table=text,
+            done=self.state.done,
+            cells=tuple(rows),
+            rounds=self.rounds,
+        )
 
 
-def run(
-    cfg: Any,
-    specs: Sequence[RunSpec],
-    sweep_dir: Path,
-    options: RunOptions,
-    lc: Mapping[str, Any],
-    launcher: str,
-    rm: ResourceModel,
-    out=sys.stdout,
-):
+def run(cfg: Any, setup: Setup, out=sys.stdout) -> GuidedResult:
     """Advance the guided search as far as the launcher allows; returns a GuidedResult."""
     gcfg = guided_config(cfg.get("search"))
-    cells = build_cells(specs, gcfg.law_n)
-    by_key = {g.cell.key: g for g in cells}
-    by_id = {s.run_id: s for s in specs}
-    state, pending, rounds = load_state(sweep_dir, cells, gcfg)
-    retry, max_retries = bool(cfg.get("retry_failed", False)), int(cfg.get("max_retries", 1))
-    if cfg.get("dry_run", False):
-        return _dry_run(state, pending, cells, by_id, sweep_dir, rm, launcher, out)
-    blocking = launcher in ("local", "debug")
-    submitted: list[str] = []
-    job_ids: list[str] = []
-    failed: list[str] = []
-    calls = 0
-    sw.check_data(specs, options)
-    with sweep_lock(sweep_dir):
-        while True:
-            if not pending:
-                if state.done:
-                    break
-                props = propose(state)
-                if not props:
-                    raise RuntimeError(
-                        "search: propose() returned nothing for an unfinished search"
-                    )
-                pending = [
-                    Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index))) for p in props
-                ]
-                rounds += 1
-                save_state(sweep_dir, state, pending, rounds)
-                sw.record_sweep(sweep_dir, cfg, _proposed_specs(state, pending, by_key))
-                continue
-            ids = [r for p in pending for r in p.run_ids]
-            states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids)}
-            res = resolve(
-                pending,
-                by_key,
-                states,
-                _read_losses(sweep_dir, ids),
-                retry,
-                max_retries,
-                set(submitted),
-            )
-            failed += res.failed
-            if res.submit:
-                todo = [by_id[r] for r in res.submit]
-                sub = executors.submit(launcher, todo, sweep_dir, options, lc, rm)
-                submitted += res.submit
-                job_ids += sub.job_ids
-                calls += sub.batch_calls
-                sw.append_submission(
-                    sweep_dir,
-                    {
-                        "time": time.time(),
-                        "launcher": launcher,
-                        "search": "guided",
-                        "round": rounds,
-                        "submitted": len(todo),
-                        "run_ids": list(res.submit),
-                        "job_ids": list(sub.job_ids),
-                        "batch_calls": sub.batch_calls,
-                    },
-                )
-                print(f"round {rounds}: submitted {len(todo)} runs to {launcher}", file=out)
-                if blocking:
-                    continue
-            if res.results and not res.submit and not res.waiting:
-                state = state.with_results(res.results)
-                pending = []
-                save_state(sweep_dir, state, pending, rounds)
-                continue
-            if blocking:  # runs alive on this machine (another process runs them): wait for them
-                time.sleep(min(gcfg.poll_s, 5.0))
-                continue
-            if not gcfg.wait:
-                break
-            time.sleep(gcfg.poll_s)
-    rows = summary(state, cells)
-    text = render(rows)
-    print(text, file=out)
-    if not state.done:
-        n = sum(len(p.run_ids) for p in pending)
-        print(
-            f"search not done: {n} runs of round {rounds} pending; rerun this command (or set "
-            f"search.wait=true) to advance it; sweep dir {sweep_dir}",
-            file=out,
-        )
-    return GuidedResult(
-        sweep_dir,
-        tuple(specs),
-        {},
-        tuple(submitted),
-        tuple(job_ids),
-        calls,
-        tuple(dict.fromkeys(failed)),
-        launcher,
-        text,
-        state.done,
-        tuple(rows),
-        rounds,
-    )
+    cells = build_cells(setup.specs, gcfg.law_n)
+    state, pending, rounds = load_state(setup.sweep_dir, cells, gcfg)
+    if setup.dry_run:
+        return _dry_run(state, pending, cells, setup, out)
+    check_data(setup.specs, setup.options)
+    driver = Driver(cfg, setup, gcfg, cells, state, pending, rounds, out)
+    with rundir.sweep_owned(setup.sweep_dir):
+        while driver.step():
+            pass
+    return driver.result()
 
 
 def _proposed_specs(
@@ -485,32 +479,36 @@ def _proposed_specs(
     return list({s.run_id: s for s in out}.values())
 
 
-def _dry_run(state, pending, cells, by_id, sweep_dir, rm, launcher, out):
+def _dry_run(state, pending, cells, setup: Setup, out) -> GuidedResult:
     """Print the cells in search order and the next round's runs; write nothing."""
     by_key = {g.cell.key: g for g in cells}
+    by_id = {s.run_id: s for s in setup.specs}
     if not pending and not state.done:
         pending = [
             Pending(p.cell, p.index, tuple(by_key[p.cell].run_ids(p.index))) for p in propose(state)
         ]
     ids = [r for p in pending for r in p.run_ids]
     nxt = [by_id[r] for r in ids]
-    statuses = status.sweep_states(sweep_dir, ids)
-    todo = set(sw.select(statuses, False, 1))
-    text = render(summary(state, cells))
+    statuses = status.sweep_states(setup.sweep_dir, ids)
+    todo = set(select(statuses, False, 1))
+    rows = summary(state, cells)
+    text = render(rows)
     if nxt:
-        text += "\nnext round:\n" + sw.table(nxt, statuses, todo, rm, launcher, 0)
+        text += "\nnext round:\n" + table(
+            nxt, statuses, todo, setup.resources, setup.launcher.name, 0
+        )
     print(text, file=out)
     return GuidedResult(
-        sweep_dir,
-        tuple(by_id.values()),
-        status.counts(statuses),
-        (),
-        (),
-        0,
-        (),
-        launcher,
-        text,
-        state.done,
-        tuple(summary(state, cells)),
-        0,
+        sweep_dir=setup.sweep_dir,
+        specs=setup.specs,
+        before=status.counts(statuses),
+        submitted=(),
+        job_ids=(),
+        batch_calls=0,
+        failed=(),
+        launcher=setup.launcher.name,
+        table=text,
+        done=state.done,
+        cells=tuple(rows),
+        rounds=0,
     )

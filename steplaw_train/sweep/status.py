@@ -1,4 +1,4 @@
-"""`python -m steplaw_train.status SWEEP_DIR [--json]`: what each run of a sweep is.
+"""`python -m steplaw_train.sweep.status SWEEP_DIR [--json]`: what each run of a sweep is.
 
 The table lists counts per state and, for failed runs, the tail of their job log. `--json` prints
 one object: the count per state (done, failed, diverged, preempted, queued, running, pending) and
@@ -13,27 +13,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch import status as st
+from launch import status as run_status
+from steplaw_train import rundir
 
 
-def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[st.RunStatus]]:
-    manifest = st.read_json(sweep_dir / "manifest.json")
+def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[run_status.RunStatus]]:
+    manifest = rundir.read_manifest(sweep_dir)  # CorruptRecord: main() reports it in one line
     if manifest is None:
-        _fail(f"error: {sweep_dir} has no manifest.json (not a sweep directory)")
-    statuses = st.sweep_states(sweep_dir, manifest["run_ids"])
-    out: dict[str, Any] = st.counts(statuses)
+        _fail(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
+    statuses = run_status.sweep_states(sweep_dir, manifest["run_ids"])
+    out: dict[str, Any] = run_status.counts(statuses)
     out["total"] = len(statuses)
     out["submitted_last"] = _submitted_last(sweep_dir)
     return out, statuses
 
 
 def _submitted_last(sweep_dir: Path) -> int:
-    path = sweep_dir / "submissions.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return int(json.loads(lines[-1])["submitted"]) if lines else 0
+    """How many runs the last submitting invocation handed over (a torn line is skipped)."""
+    entries, _ = rundir.read_submissions(sweep_dir)
+    try:
+        return int(entries[-1]["submitted"]) if entries else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
-def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int = 10) -> str:
+def render(
+    counts: dict[str, Any], statuses: list[run_status.RunStatus], tail_lines: int = 10
+) -> str:
     lines = ["  ".join(f"{k}={v}" for k, v in counts.items())]
     for s in statuses:
         if s.state in ("failed", "preempted", "running", "queued"):
@@ -41,7 +47,7 @@ def render(counts: dict[str, Any], statuses: list[st.RunStatus], tail_lines: int
                 f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}"
             )
         if s.state == "failed":
-            tail = st.log_tail(s.log, tail_lines)
+            tail = run_status.log_tail(s.log, tail_lines)
             lines += [f"    | {t}" for t in tail.splitlines()]
     return "\n".join(lines)
 
@@ -53,14 +59,14 @@ def _fail(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m steplaw_train.status", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m steplaw_train.sweep.status", description=__doc__)
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object of counts per state")
     p.add_argument("--tail", type=int, default=10, help="log lines shown per failed run")
     args = p.parse_args(argv)
     try:
         counts, statuses = summary(args.sweep_dir.resolve())
-    except st.SchedulerUnavailable as e:
+    except run_status.SchedulerUnavailable as e:
         _fail(f"error: {e}")
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         # damaged bookkeeping (a manifest without run_ids, a result.json that is `[]` or binary,

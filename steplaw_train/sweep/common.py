@@ -1,0 +1,234 @@
+"""What the full and the guided sweep share: the sweep's setup, which runs go out, the dry-run
+table and the sweep directory's records.
+
+Every spec is validated, and megatron's config built for every model shape, before anything
+runs. Which runs go out (`select`):
+  pending / preempted           always (a preempted run resumes; it is not a failure)
+  failed                        while the run has had <= max_retries attempts
+  failed                        always with retry_failed=true
+  done / diverged / queued / running   never
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from launch import executors, status
+from launch.resources import ResourceModel, device_hours, resource_class, resource_model
+from steplaw_train import atomic, rundir
+from steplaw_train import config as config_mod
+from steplaw_train import grid as grid_mod
+from steplaw_train.cells import cell_key
+from steplaw_train.options import RunOptions, validate_options
+from steplaw_train.spec import RunSpec, SpecError
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    sweep_dir: Path
+    specs: tuple[RunSpec, ...]
+    before: dict[str, int]  # state counts before submitting
+    submitted: tuple[str, ...]  # run_ids handed to the launcher
+    job_ids: tuple[str, ...]
+    batch_calls: int  # sbatch calls (one per job array)
+    failed: tuple[str, ...]  # local/debug runs that raised
+    launcher: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A sweep invocation's inputs, validated once: the specs, where they go and how."""
+
+    specs: tuple[RunSpec, ...]
+    sweep_dir: Path
+    options: RunOptions
+    resources: ResourceModel
+    launcher: executors.Launcher
+    retry_failed: bool
+    max_retries: int
+    dry_run: bool
+    model_shapes: int = 0  # distinct models whose megatron config was built (check_models)
+
+
+def plain(section: Any) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
+    return dict(section)
+
+
+def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
+    """The grid's RunSpecs (validated), or the single run the base config describes.
+
+    `overrides` are the command line's; one a grid axis would silently replace is refused.
+    """
+    g = cfg.get("grid")
+    if g is None:
+        raise SpecError("grid", "no grid given; use +grid=NAME (see configs/grid/)")
+    grid_mod.check_overrides(plain(g), overrides)
+    base_model = plain(cfg.model) if "model" in cfg else None
+    base_data = plain(cfg.data) if "data" in cfg else None
+    mbs = cfg.options.get("micro_batch_size") if "options" in cfg else None
+    return grid_mod.expand(plain(g), base_model, base_data, plain(cfg.train), micro_batch_size=mbs)
+
+
+def check_sweep_fields(cfg: Any) -> None:
+    """The sweep's own top-level fields, before anything is read or written."""
+    from steplaw_train.spec import check_int
+
+    check_int("max_retries", cfg.get("max_retries", 1), 0)
+    for key in ("dry_run", "retry_failed"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
+    if not str(cfg.get("sweep_dir") or "").strip():
+        raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
+
+
+def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
+    """Expand and validate everything a sweep needs before it touches the sweep dir."""
+    check_sweep_fields(cfg)
+    specs = expand_from_cfg(cfg, overrides)
+    grid_name = str(cfg.grid.get("name", "grid"))
+    options = config_mod.options_from_cfg(cfg.get("options"))
+    validate_options(options)
+    options = replace(options, wandb_group=options.wandb_group or grid_name)
+    resources = resource_model(cfg.get("resources"))
+    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
+    shapes = check_models(specs)
+    return Setup(
+        specs=tuple(specs),
+        sweep_dir=sweep_dir,
+        options=options,
+        resources=resources,
+        launcher=launcher,
+        retry_failed=bool(cfg.get("retry_failed", False)),
+        max_retries=int(cfg.get("max_retries", 1)),
+        dry_run=bool(cfg.get("dry_run", False)),
+        model_shapes=shapes,
+    )
+
+
+def check_models(specs: Sequence[RunSpec]) -> int:
+    """Build megatron's TransformerConfig once per distinct model shape (dry run included):
+    megatron validates many settings only at construction, and a preset it rejects must fail
+    here, not in every job after its queue wait. Returns the number of shapes built."""
+    from steplaw_train.model import check_buildable
+
+    models = {s.model for s in specs}
+    for model in sorted(models, key=lambda m: m.name):
+        check_buildable(model)
+    return len(models)
+
+
+def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:
+    """run_ids to submit now (see the module docstring).
+
+    Preempted runs always go out again: they resume from their checkpoints, and being preempted
+    is not a failure, so it does not count against max_retries.
+    """
+    out = []
+    for s in statuses:
+        again = s.state == "failed" and (s.attempts <= max_retries or retry_failed)
+        if s.state in ("pending", "preempted") or again:
+            out.append(s.run_id)
+    return out
+
+
+def check_data(specs: Sequence[RunSpec], options: RunOptions) -> None:
+    """Validate each recipe's dataset files before anything is submitted."""
+    from steplaw_train.data import check_data as check
+
+    for data in {s.data for s in specs}:
+        check(data, options.data_root)
+
+
+def table(
+    specs: Sequence[RunSpec],
+    statuses: Sequence[status.RunStatus],
+    todo: set[str],
+    rm: ResourceModel,
+    launcher: str,
+    batch_calls: int,
+) -> str:
+    """Dry-run table: one row per (model, recipe, D) cell."""
+    state = {s.run_id: s.state for s in statuses}
+    rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
+    classes: dict[tuple, set[str]] = defaultdict(set)
+    for spec in specs:
+        key = cell_key(spec)
+        r, st = rows[key], state[spec.run_id]
+        r["runs"] += 1
+        r["submit"] += spec.run_id in todo
+        r["finished"] += st in ("done", "diverged")
+        r["queued"] += st in ("queued", "running")
+        r["failed"] += st in ("failed", "preempted")
+        r["hours"] += device_hours(spec, rm)
+        classes[key].add(resource_class(spec, rm).label())
+    unit = "GPU-h" if rm.gpus_per_node else "CPU-h"
+    head = (
+        f"{'model':<18} {'recipe':<18} {'D':>9} {'runs':>5} {'submit':>6} {'finished':>8} "
+        f"{'queued':>6} {'failed':>6} {unit:>9}  resources"
+    )
+    lines = [head, "-" * len(head)]
+    for (model, recipe, D), r in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
+    ):
+        lines.append(
+            f"{model:<18} {recipe:<18} {D:>9.3g} {r['runs']:>5} {r['submit']:>6} "
+            f"{r['finished']:>8} {r['queued']:>6} {r['failed']:>6} {r['hours']:>9.3g}  "
+            f"{','.join(sorted(classes[(model, recipe, D)]))}"
+        )
+    total = sum(r["hours"] for r in rows.values())
+    todo_h = sum(device_hours(s, rm) for s in specs if s.run_id in todo)
+    lines.append(
+        f"{len(specs)} runs in {len(rows)} cells; {len(todo)} to submit via {launcher} "
+        f"({batch_calls} sbatch calls); {unit} total {total:.4g}, to submit {todo_h:.4g} "
+        f"(MFU {rm.mfu}, {rm.peak_tflops} TFLOP/s peak)"
+    )
+    return "\n".join(lines)
+
+
+def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
+    """The resolved config, the manifest and each new run's spec.json (kept if present)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(sweep_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    rundir.write_manifest(
+        sweep_dir,
+        {
+            "grid": cfg.grid.get("name"),
+            "updated": time.time(),
+            "run_ids": [s.run_id for s in specs],
+        },
+    )
+    for spec in specs:
+        path = rundir.run_dir(sweep_dir, spec.run_id)
+        if not rundir.is_run_dir(path):
+            rundir.write_spec(path, spec)
+
+
+def record_submission(
+    setup: Setup, run_ids: Sequence[str], sub: executors.Submitted, **extra: Any
+) -> None:
+    """One line of submissions.jsonl per submitting call (status reads the last one)."""
+    rundir.append_submission(
+        setup.sweep_dir,
+        {
+            "time": time.time(),
+            "launcher": setup.launcher.name,
+            **extra,
+            "submitted": len(run_ids),
+            "run_ids": list(run_ids),
+            "job_ids": list(sub.job_ids),
+            "batch_calls": sub.batch_calls,
+        },
+    )
