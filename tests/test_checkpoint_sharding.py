@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from steplaw_train import checkpoint as ckpt
-from steplaw_train.metrics import read_metrics
+from steplaw_train.rundir import read_metrics
 from tests.conftest import tiny_options, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,8 +150,8 @@ def test_two_rank_checkpoint_resumed_on_one_rank_is_bitwise_equal(
     result = run(spec, resumed, options)
     ref = json.loads((two_rank_run / "result.json").read_text())
     assert result["steps"] == ref["steps"] == 30 and result["tokens"] == ref["tokens"]
-    one = [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")]
-    two = [r["loss"] for r in read_metrics(two_rank_run / "metrics.jsonl")]
+    one = [r["loss"] for r in read_metrics(resumed)]
+    two = [r["loss"] for r in read_metrics(two_rank_run)]
     assert one[:20] == two[:20]  # the kept lines of the 2-rank run
     tolerance = 1e-4 if precision == "fp32" else 2e-2  # bf16: another micro-batch shape
     assert max(abs(x - y) / y for x, y in zip(one[20:], two[20:], strict=True)) < tolerance
@@ -170,8 +170,8 @@ def test_two_rank_resume_with_the_distributed_optimizer_is_bitwise(
     shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
     shutil.copy(run_dir / "metrics.jsonl", resumed / "metrics.jsonl")
     _torchrun(resumed, data_root, ranks=2, precision=precision)
-    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == [
-        r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+    assert [r["loss"] for r in read_metrics(resumed)] == [
+        r["loss"] for r in read_metrics(run_dir)
     ]
 
 
