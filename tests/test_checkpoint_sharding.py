@@ -170,9 +170,7 @@ def test_two_rank_resume_with_the_distributed_optimizer_is_bitwise(
     shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
     shutil.copy(run_dir / "metrics.jsonl", resumed / "metrics.jsonl")
     _torchrun(resumed, data_root, ranks=2, precision=precision)
-    assert [r["loss"] for r in read_metrics(resumed)] == [
-        r["loss"] for r in read_metrics(run_dir)
-    ]
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(run_dir)]
 
 
 @pytest.mark.timeout(600)
