@@ -219,7 +219,7 @@ class SearchState:
         assert a is not None
         mean_cost = float(np.mean([c.cost for c in self.cells]))
         if cell.cost <= cfg.neighbour_cost * mean_cost:
-            nb = [i for i in bowl.axis_neighbours(z, a.best) if not ran[i]]
+            nb = self._climb(cell, z, y, ran)
             if nb:
                 return nb[:room]
         eps = self.epsilon(cell)
@@ -237,6 +237,30 @@ class SearchState:
             ei = bowl.expected_improvement(mu, sd, float(np.nanmin(y[usable])))
             picks = [i for i in picks if ei[i] > cfg.tau]
         return picks
+
+    def _climb(self, cell: Cell, z: np.ndarray, y: np.ndarray, ran: np.ndarray) -> list[int]:
+        """The untried axis neighbours a steepest-descent hill-climb from the cell's first run
+        would run next (empty once it has converged).
+
+        Re-derived from the results alone (the start is the grid point nearest the prior, as for
+        the first run), so it survives resume. Steepest, not first-improvement: the current
+        point's whole neighbourhood runs before the climb moves to its best, so one noisy run
+        does not send the climb off towards a grid edge.
+        """
+        prior = self.prior_for(cell)
+        d = (z - np.array(prior.m0)) / np.array(prior.m_sd)
+        at = int(np.argmin(np.einsum("ij,ij->i", d, d)))
+        score = np.where(ran & np.isfinite(y), y, np.inf)
+        for _ in range(len(z)):
+            nb = bowl.axis_neighbours(z, at)
+            todo = [i for i in nb if not ran[i]]
+            if todo or not ran[at]:
+                return todo if ran[at] else [at]
+            nxt = min(nb, key=lambda i: (score[i], i)) if nb else at
+            if score[nxt] >= score[at]:
+                return []
+            at = nxt
+        return []
 
     def with_results(self, results: Mapping[Proposal, float]) -> SearchState:
         """A new state with these losses recorded; finishes cells whose stopping rule now holds."""
