@@ -69,6 +69,7 @@ class LocalSettings:
     parallelism: int = 2
     threads_per_run: int | None = 1
     timeout_min: int = 7 * 24 * 60
+    gpus_per_run: int | str = "auto"  # auto: one GPU per run where torch sees GPUs; 0: CPU
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,22 @@ def resolve_launcher(name: str) -> str:
     return name
 
 
+# Host memory a job asks for when launcher.mem_gb is unset. A checkpoint holds each rank's own
+# shard of the optimizer state (dp_reshardable: ~12 bytes per parameter / ranks) plus the model,
+# the dataset indices and megatron's writer processes; 32 GB per GPU covers 1B with room to
+# spare and leaves most of a GPU node's memory to its neighbours. Explicit because a
+# cluster's default (DefMemPerCPU, often 1-4 GB per CPU) is too small for a GPU job, or unset.
+MEM_GB_PER_GPU = 32
+MEM_GB_PER_CPU_TASK = 4
+
+
+def default_mem_gb(rc: ResourceClass) -> int:
+    """--mem (per node) for a resource class: by GPUs per node, else by CPU tasks."""
+    if rc.gpus_per_node:
+        return MEM_GB_PER_GPU * rc.gpus_per_node
+    return MEM_GB_PER_CPU_TASK * rc.tasks_per_node
+
+
 def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]:
     """submitit AutoExecutor parameters for one resource class and the launcher config."""
     extra = {
@@ -287,8 +304,7 @@ def slurm_parameters(rc: ResourceClass, lc: Mapping[str, Any]) -> dict[str, Any]
         params["gpus_per_node"] = rc.gpus_per_node
     if lc.get("partition"):
         params["slurm_partition"] = lc["partition"]
-    if lc.get("mem_gb"):
-        params["mem_gb"] = lc["mem_gb"]
+    params["mem_gb"] = lc.get("mem_gb") or default_mem_gb(rc)
     return params
 
 
@@ -377,7 +393,10 @@ class SlurmLauncher(Launcher):
             )
             todo = [by_id[r] for r in chunk.run_ids]
             dirs = [str(self.run_dir(s)) for s in todo]
-            jobs = ex.map_array(RunJob(), todo, dirs, [self.options] * len(dirs))
+            # a GPU job that finds no usable GPU must fail, not train on the node's CPU
+            gpu_job = chunk.resources.gpus_per_node and self.options.device == "auto"
+            opts = replace(self.options, device="cuda") if gpu_job else self.options
+            jobs = ex.map_array(RunJob(), todo, dirs, [opts] * len(dirs))
             for spec, job in zip(todo, jobs, strict=True):
                 record_attempt(
                     self.run_dir(spec),
@@ -455,26 +474,106 @@ def _last_log_line(path: Path | None) -> str:
     return lines[-1].strip()[:300] if lines else ""
 
 
+# ---- local GPUs (pure helpers + the two probes they need) -------------------------------------
+def local_gpu_ids(device_count: int, cuda_visible: str | None) -> tuple[int, ...]:
+    """Physical GPU indices this process may hand to local jobs (what CUDA_VISIBLE_DEVICES of a
+    child must name): the parent's own CUDA_VISIBLE_DEVICES list if set, else 0..count-1."""
+    if cuda_visible is None:
+        return tuple(range(device_count))
+    names = [x.strip() for x in cuda_visible.split(",") if x.strip()]
+    if not all(x.isdigit() for x in names):
+        raise SpecError(
+            "launcher.gpus_per_run",
+            f"CUDA_VISIBLE_DEVICES={cuda_visible!r} is not a list of indices; the local "
+            "launcher hands out GPUs by index (set indices, or launcher.gpus_per_run=0)",
+        )
+    return tuple(int(x) for x in names[:device_count])
+
+
+def gpus_per_local_run(setting: Any, gpu_ids: Sequence[int], gpus_on_host: int) -> int:
+    """0 (CPU runs) or 1 (one GPU each). `auto`: 1 when this process sees a GPU.
+
+    Fails loudly when the host has NVIDIA GPUs that torch cannot use (a CPU build of torch, a
+    broken driver): `launcher=auto` picks local wherever sbatch is missing, and such a box would
+    otherwise train every run on one CPU thread in fp32. `gpus_per_run=0` is the explicit way to
+    train on CPU there.
+    """
+    if setting in (None, "auto"):
+        if not gpu_ids and gpus_on_host > 0:
+            raise SpecError(
+                "launcher.gpus_per_run",
+                f"this host has {gpus_on_host} NVIDIA GPU(s) but torch sees none "
+                "(CPU build of torch, or a driver problem); fix the CUDA setup, or set "
+                "launcher.gpus_per_run=0 to train on CPU",
+            )
+        return 1 if gpu_ids else 0
+    if setting not in (0, 1):
+        raise SpecError(
+            "launcher.gpus_per_run",
+            f"must be auto, 0 or 1 (local runs are single-process), got {setting!r}",
+        )
+    if setting == 1 and not gpu_ids:
+        raise SpecError("launcher.gpus_per_run", "is 1 but torch sees no GPU on this host")
+    return int(setting)
+
+
+def host_gpu_count() -> int:
+    """NVIDIA GPUs the kernel driver reports, independent of torch (0 without the driver)."""
+    root = Path("/proc/driver/nvidia/gpus")
+    return len(list(root.iterdir())) if root.is_dir() else 0
+
+
+def torch_gpu_ids() -> tuple[int, ...]:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return local_gpu_ids(n, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def local_job_parameters(timeout_min: int, gpu: int | None) -> dict[str, Any]:
+    """submitit LocalExecutor parameters: it sets the job's CUDA_VISIBLE_DEVICES from
+    gpus_per_node/visible_gpus (to "" when gpus_per_node is 0, hiding every GPU)."""
+    params: dict[str, Any] = {"timeout_min": timeout_min}
+    if gpu is not None:
+        params.update(gpus_per_node=1, visible_gpus=(gpu,))
+    return params
+
+
 class LocalLauncher(Launcher):
-    """On this machine, `parallelism` processes at a time; blocks until all end."""
+    """On this machine, `parallelism` processes at a time; blocks until all end.
+
+    On a GPU host each run gets one GPU of its own: a run starts on the lowest-numbered free GPU
+    (round robin over the visible devices as runs finish), at most one run per GPU, and with
+    `options.device = "cuda"` so that a job that cannot use its GPU fails instead of training
+    on the CPU.
+    """
 
     def _submit(self, specs: list[RunSpec], out) -> Submitted:
         cfg: LocalSettings = self.settings
         if cfg.parallelism < 1:
             raise SpecError("launcher.parallelism", f"must be >= 1, got {cfg.parallelism}")
         options = self.options
+        parallelism = cfg.parallelism
+        gpu_ids = torch_gpu_ids()
+        per_run = gpus_per_local_run(cfg.gpus_per_run, gpu_ids, host_gpu_count())
+        if per_run:
+            parallelism = min(parallelism, len(gpu_ids))
+            if options.device == "auto":
+                options = replace(options, device="cuda")
         if cfg.threads_per_run:
             options = replace(options, num_threads=int(cfg.threads_per_run))
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads_per_run))
         todo = deque(specs)
-        running: dict[submitit.Job, RunSpec] = {}
+        running: dict[submitit.Job, tuple[RunSpec, int | None]] = {}
         job_ids, failed = [], []
         start, n_done = time.time(), 0
         while todo or running:
-            while todo and len(running) < cfg.parallelism:
+            while todo and len(running) < parallelism:
                 spec = todo.popleft()
+                busy = {g for _, g in running.values()}
+                gpu = next(g for g in gpu_ids if g not in busy) if per_run else None
                 ex = submitit.LocalExecutor(folder=self.sweep_dir / "logs")
-                ex.update_parameters(timeout_min=int(cfg.timeout_min))
+                ex.update_parameters(**local_job_parameters(int(cfg.timeout_min), gpu))
                 job = ex.submit(RunJob(), spec, str(self.run_dir(spec)), options)
                 record_attempt(
                     self.run_dir(spec),
@@ -483,15 +582,16 @@ class LocalLauncher(Launcher):
                         "job_id": job.job_id,
                         "pid": int(job.job_id),
                         "pid_start": process_start_time(int(job.job_id)),
+                        "gpu": gpu,
                         "stdout": str(job.paths.stdout),
                         "stderr": str(job.paths.stderr),
                     },
                 )
                 job_ids.append(job.job_id)
-                running[job] = spec
+                running[job] = (spec, gpu)
             time.sleep(0.2)
             for job in [j for j in running if j.done()]:
-                spec = running.pop(job)
+                spec, _ = running.pop(job)
                 err = _finish(self.run_dir(spec), job)
                 n_done += 1
                 if err:

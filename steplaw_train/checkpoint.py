@@ -4,8 +4,13 @@ A checkpoint is `<run_dir>/checkpoints/step_<NNNNNNNN>/` holding the model, the 
 optimizer, the LR scheduler, the step, the consumed samples, the divergence guard's state and the
 RNG states. It counts only once its `complete` marker exists: the marker is written last (after
 every rank finished saving), so a run killed mid-save never loads a half-written checkpoint.
-The distributed optimizer is saved with `fully_reshardable` sharding (the default type fails to
-save on megatron-core 0.16.1), which also lets a run resume on a different number of GPUs.
+The distributed optimizer is saved with `dp_reshardable` sharding: every rank writes its own
+shard of the optimizer state, nothing is gathered (`fully_reshardable` gathers the whole state
+into every rank's host memory: ~14.5 GB per rank at 1B), and a run can still resume on a
+different number of data-parallel ranks (the only parallelism we use). Replicated tensors (the
+model, a plain optimizer's state) are written by all data-parallel ranks in parallel, each a
+share (megatron's fully parallel save strategy). A load takes the sharding type from the
+checkpoint's own content metadata, so checkpoints written with another type still load.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from steplaw_train.shield import helper_initializer
 
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+SHARDING_TYPE = "dp_reshardable"
+_SHARDING = {"distrib_optim_sharding_type": SHARDING_TYPE}
 
 
 @dataclass
@@ -102,12 +108,64 @@ def _ensure_optimizer_state(optimizer) -> None:
             init()
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
+def _restore_torch_adam_steps(optimizer, loaded: Any) -> None:
+    """Put the checkpoint's Adam step back into a distributed optimizer's torch-Adam state.
+
+    Without TE/Apex (the CPU path) megatron-core 0.16.1's DistributedOptimizer.load_state_dict
+    first sets torch Adam's per-parameter `step` from the checkpoint's param_groups, then its
+    dp_reshardable parameter-state load copies over it the step of the dummy state the load
+    started from: bias correction restarted at step 1 and a resumed run drifted (0.4% in loss
+    one step after the resume, tests/test_checkpoint_sharding.py). TE's FusedAdam keeps the step
+    in param_groups, which that copy does not touch, so this is a no-op on the GPU path. Each
+    parameter gets a tensor of its own, as a fresh torch Adam has (it increments them in place).
+    """
+    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    states = [loaded] if len(opts) == 1 else [loaded[k] for k in sorted(loaded)]
+    for opt, sd in zip(opts, states, strict=True):
+        if "param_state" not in sd:  # not a distributed optimizer
+            continue
+        inner = opt.optimizer
+        for group, saved in zip(inner.param_groups, sd["optimizer"]["param_groups"], strict=True):
+            if saved.get("step") is None:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and torch.is_tensor(st.get("step")):
+                    old = st["step"]
+                    st["step"] = torch.tensor(
+                        float(saved["step"]), dtype=old.dtype, device=old.device
+                    )
+
+
+def _sharded_state(model, optimizer, is_loading: bool, metadata: dict) -> dict[str, Any]:
     if is_loading:
         _ensure_optimizer_state(optimizer)
     model_sd = model.module.sharded_state_dict()
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_SHARDING)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
     return {"model": model_sd, "optimizer": opt_sd}
+
+
+def _save_strategy():
+    """torch_dist, with the writes of replicated tensors spread over the data-parallel ranks
+    (otherwise rank 0 alone writes the whole model)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    base = get_default_save_sharded_strategy("torch_dist")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, parallel_state.get_data_parallel_group())
+
+
+def sharding_metadata(path: Path) -> dict:
+    """The content metadata a checkpoint was saved with (its optimizer sharding type); {} for a
+    checkpoint without any (megatron then assumes its own default)."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_content_metadata(str(path)) or {})
 
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
@@ -123,13 +181,15 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
             path.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    sd = _sharded_state(model, optimizer, is_loading=False)
+    sd = _sharded_state(model, optimizer, is_loading=False, metadata=_SHARDING)
     sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = asdict(state)
     sd["rng"] = _rng_state()
     start_writer_process()
     with save_errors_named(path):
-        dist_checkpointing.save(sd, str(path), content_metadata=_SHARDING)
+        dist_checkpointing.save(
+            sd, str(path), sharded_strategy=_save_strategy(), content_metadata=_SHARDING
+        )
     if dist.is_initialized():
         dist.barrier()
     if rank0:
@@ -284,10 +344,12 @@ def load(run_dir: Path, step: int, model, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 
     path = step_dir(run_dir, step)
-    sd = _sharded_state(model, optimizer, is_loading=True)
+    sd = _sharded_state(model, optimizer, is_loading=True, metadata=sharding_metadata(path))
     loaded = dist_checkpointing.load(sd, str(path))
     model.module.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the weights
+        optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
     ts = loaded["train_state"]

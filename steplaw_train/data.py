@@ -9,8 +9,9 @@ Choices (see docs/data.md):
 - Train split only (`split="1,0,0"`): the Step Law metric is the smoothed *training* loss of a
   single pass, so no validation set is built.
 - megatron's index caches (document/sample/shuffle and blending indices) go to
-  `<data_root>/cache`; building them is serialised across processes with an flock, because
-  megatron checks a cache only by file existence and writes its .npy files in place.
+  `<data_root>/cache`; building one entry is serialised across processes with an flock per
+  entry (seed, seq_len, sample count, sources), because megatron checks a cache only by file
+  existence and writes its .npy files in place.
 - Indices are a deterministic function of (dataset lengths, seed, seq_len, num_samples, weights).
 
 CLI:  python -m steplaw_train.data prep --name NAME --input PATH_OR_GLOB... \
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -157,7 +159,8 @@ def build_train_dataset(
         create_attention_mask=False,
     )
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config)
-    with _process_group(), _cache_lock(data_root):
+    entry = _cache_entry(tok.unique_identifiers["datasets"], weights, seed, seq_len, num_samples)
+    with _process_group(), _cache_lock(data_root, entry):
         dataset = builder.build()[0]
     assert len(dataset) >= num_samples, (len(dataset), num_samples)
     return dataset
@@ -184,16 +187,31 @@ def _process_group() -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def _cache_entry(
+    digests: dict[str, str], weights: list[float] | None, seed: int, seq_len: int, num_samples: int
+) -> str:
+    """A name for the index-cache entries one build writes: what megatron's own cache key
+    (megatron_dataset.py: path prefix, seed, sequence length, sample count, split) depends on."""
+    key = json.dumps([sorted(digests.items()), weights, seed, seq_len, num_samples])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @contextlib.contextmanager
-def _cache_lock(data_root: Path) -> Iterator[None]:
-    """Serialise index-cache builds across jobs; only global rank 0 writes, so only it locks
-    (other ranks wait at megatron's barrier and then read finished files)."""
+def _cache_lock(data_root: Path, entry: str) -> Iterator[None]:
+    """Serialise builds of one index-cache entry across jobs; only global rank 0 writes, so only
+    it locks (other ranks wait at megatron's barrier and then read finished files).
+
+    One lock per entry, not one for the whole cache: at a sweep's start dozens of array tasks
+    build different entries (each run's sample count is in megatron's key) and must not queue
+    behind each other while their other ranks wait in a collective. Two builds of the same
+    entry still serialise, and the second finds the first's files.
+    """
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
         yield
         return
-    with locks.file_lock(data_root / ".locks" / "index-cache.lock"):
+    with locks.file_lock(data_root / ".locks" / f"index-{entry}.lock"):
         yield
 
 

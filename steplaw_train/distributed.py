@@ -15,6 +15,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -62,6 +63,23 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+# torch's default (10 minutes on NCCL) is shorter than what ranks legitimately wait in a
+# collective: rank 0 building a dataset index (data.py) or writing a checkpoint while the others
+# sit in megatron's barrier. A genuinely hung job still dies, just later.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU this task uses: its local rank modulo the GPUs it can see.
+
+    A SLURM task may see all GPUs of its node (index = local rank) or, with per-task binding
+    (`--gpus-per-task`, `--gpu-bind`), only its own (index 0); the modulo serves both.
+    """
+    if device_count < 1:
+        raise RuntimeError("CUDA is in use but no GPU is visible to this task")
+    return local_rank % device_count
+
+
 def env_world_size() -> int:
     """Processes of this run, from torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS); 1 alone.
     The one parser of the world size: the trainer's plan and `init` both use it."""
@@ -93,16 +111,19 @@ def init(use_cuda: bool) -> World:
             os.environ.setdefault("MASTER_PORT", "29500")
             init_method = "env://"
         if use_cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count()))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             init_method=init_method,
             rank=rank,
             world_size=world,
+            timeout=PROCESS_GROUP_TIMEOUT,
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        parallel_state.initialize_model_parallel(
+            1, 1, distributed_timeout_minutes=int(PROCESS_GROUP_TIMEOUT.total_seconds() // 60)
+        )
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return World(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from steplaw_train.spec import SpecError, check_int, check_real
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cuda", "cpu")
 WANDB_MODES = (None, "online", "offline", "disabled")
 
 
@@ -37,6 +38,15 @@ class RunOptions:
     wandb_group: str | None = None  # the sweep name; None for a lone run
     wandb_mode: str | None = None  # None: WANDB_MODE from the environment, else "offline"
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    # auto = CUDA when available; "cuda" fails loudly without it (the local launcher sets it for
+    # the runs it gives a GPU); "cpu" trains on the CPU even where GPUs are visible
+    device: str = "auto"
+    # GPU only: bitwise-reproducible kernels (TE attention backward without atomics, megatron
+    # deterministic_mode, torch deterministic algorithms, NCCL ring); slower (docs/gpu.md)
+    deterministic: bool = False
+    # None = on GPU only (docs/design.md); True on CPU exercises the GPU path's sharded
+    # optimizer state and checkpoints on gloo ranks (tests)
+    distributed_optimizer: bool | None = None
     extra: dict = field(default_factory=dict)  # free-form tags recorded in result.json
 
 
@@ -54,6 +64,15 @@ def validate_options(options: RunOptions) -> None:
     check_int("options.divergence_window", o.divergence_window, 1)
     if o.num_threads is not None:
         check_int("options.num_threads", o.num_threads, 1)
+    if o.device not in DEVICES:
+        raise SpecError("options.device", f"must be one of {DEVICES}, got {o.device!r}")
+    if not isinstance(o.deterministic, bool):
+        raise SpecError("options.deterministic", f"must be true or false, got {o.deterministic!r}")
+    if o.distributed_optimizer is not None and not isinstance(o.distributed_optimizer, bool):
+        raise SpecError(
+            "options.distributed_optimizer",
+            f"must be null (GPU only), true or false, got {o.distributed_optimizer!r}",
+        )
     if o.wandb_mode not in WANDB_MODES:
         raise SpecError("options.wandb_mode", f"must be one of {WANDB_MODES}, got {o.wandb_mode!r}")
     if not isinstance(o.extra, dict):
@@ -92,4 +111,4 @@ def data_root_problem(root: Path) -> str | None:
     return None
 
 
-__all__ = ["PRECISIONS", "RunOptions", "data_root_problem", "validate_options"]
+__all__ = ["DEVICES", "PRECISIONS", "RunOptions", "data_root_problem", "validate_options"]

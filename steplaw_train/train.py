@@ -25,8 +25,10 @@ import contextlib
 import json
 import math
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from steplaw_train import checkpoint as ckpt
 from steplaw_train import distributed, flops, rundir
 from steplaw_train import metrics as mx
 from steplaw_train.locks import LockUnsupported
-from steplaw_train.options import RunOptions, validate_options
+from steplaw_train.options import DEVICES, RunOptions, validate_options
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 from steplaw_train.smoothing import smoothed_final_loss
 from steplaw_train.spec import RunSpec, SpecError, validate
@@ -54,12 +56,16 @@ class Plan:
     num_microbatches: int
     use_cuda: bool
     bf16: bool
+    # GPU by default (docs/design.md); options.distributed_optimizer=true also on CPU (tests)
+    distributed_optimizer: bool = False
+    deterministic: bool = False
 
     @property
-    def distributed_optimizer(self) -> bool:
-        """GPU only: without Apex/TE (the CPU path) megatron 0.16.1's distributed optimizer
-        cannot reload its own torch-Adam state (a per-parameter `step` it never saves)."""
-        return self.use_cuda
+    def overlap(self) -> bool:
+        """GPU with the distributed optimizer: the gradient reduce-scatter overlaps the backward
+        pass (bucketed) and the parameter all-gather the next forward (a forward pre-hook). Off
+        on CPU, where the tests pin the loss curves bitwise."""
+        return self.use_cuda and self.distributed_optimizer
 
 
 def auto_micro_batch(per_rank: int, max_micro_batch: int) -> int:
@@ -74,7 +80,47 @@ def make_plan(spec: RunSpec, options: RunOptions, use_cuda: bool, data_parallel:
     per_rank = spec.train.batch_size // data_parallel  # validate() checked it divides
     mbs = options.micro_batch_size or auto_micro_batch(per_rank, options.max_micro_batch)
     bf16 = options.precision == "bf16" or (options.precision == "auto" and use_cuda)
-    return Plan(data_parallel, mbs, per_rank // mbs, use_cuda, bf16)
+    dist_opt = use_cuda if options.distributed_optimizer is None else options.distributed_optimizer
+    return Plan(
+        data_parallel,
+        mbs,
+        per_rank // mbs,
+        use_cuda,
+        bf16,
+        distributed_optimizer=bool(dist_opt),
+        deterministic=bool(options.deterministic),
+    )
+
+
+def resolve_device(device: str, cuda_available: bool) -> bool:
+    """options.device -> use CUDA? "cuda" without a usable GPU is an error, not a CPU run."""
+    if device not in DEVICES:
+        raise SpecError("options.device", f"must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not cuda_available:
+        raise SpecError(
+            "options.device",
+            "is 'cuda' but torch sees no GPU (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda})",
+        )
+    return cuda_available if device == "auto" else device == "cuda"
+
+
+def apply_determinism(plan: Plan) -> None:
+    """Bitwise-reproducible GPU kernels (options.deterministic), set before NCCL and TE start.
+
+    TE's fused attention backward uses atomics unless NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
+    (megatron's deterministic_mode refuses to run otherwise); cuBLAS needs a fixed workspace;
+    NCCL's algorithm choice can change the reduction order between runs, so it is pinned to
+    Ring. torch's deterministic mode warns (not raises) on an op without a deterministic kernel.
+    CPU runs are deterministic already.
+    """
+    if not (plan.use_cuda and plan.deterministic):
+        return
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NCCL_ALGO", "Ring")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # fp32 weights + fp32 gradients + Adam's two moments: a lower bound on a rank's training memory
@@ -194,12 +240,13 @@ def build_dataset(spec: RunSpec, options: RunOptions):
     )
 
 
-def batch_iterator(dataset, start_sample: int, global_batch: int, rank: int, plan: Plan, device):
-    """Micro-batches in order; sample i of the run is always dataset[i] (resume = skip ahead).
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
-    Rank r takes a contiguous slice of each global batch; the slice is cut into micro-batches.
-    """
-    keys = ("tokens", "labels", "loss_mask", "position_ids")
+
+def host_batches(dataset, start_sample: int, global_batch: int, rank: int, plan: Plan, pin: bool):
+    """Micro-batches in order, in host memory; sample i of the run is always dataset[i]
+    (resume = skip ahead). Rank r takes a contiguous slice of each global batch; the slice is
+    cut into micro-batches. `pin`: page-locked, so the copy to the GPU can be asynchronous."""
     per_rank = plan.micro_batch_size * plan.num_microbatches
     base = start_sample
     while True:
@@ -207,10 +254,66 @@ def batch_iterator(dataset, start_sample: int, global_batch: int, rank: int, pla
         for j in range(plan.num_microbatches):
             lo = first + j * plan.micro_batch_size
             items = [dataset[i] for i in range(lo, lo + plan.micro_batch_size)]
-            yield {
-                k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in keys
-            }
+            batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in BATCH_KEYS}
+            yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
         base += global_batch
+
+
+def prefetched(source, depth: int, on_start=None):
+    """Items of `source` built ahead by a background thread, at most `depth` waiting; same
+    order. The producer's exceptions are re-raised here. (The dataset's __getitem__ is numpy
+    reads that release the GIL, so the next step's batches are built during this one.)
+    `on_start` runs first in the thread (the CUDA device is per thread: pinning memory from a
+    thread left on device 0 would open a context there for every rank of the node)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            if on_start is not None:
+                on_start()
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+        q.put(end)
+
+    threading.Thread(target=produce, daemon=True, name="batch-prefetch").start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def batch_iterator(dataset, start_sample: int, global_batch: int, rank: int, plan: Plan, device):
+    """Micro-batches on `device`, in order.
+
+    CPU: built in this thread, exactly as before (the bitwise-resume tests pin it). CUDA: the
+    next step's micro-batches are built ahead in a thread in pinned memory and copied with
+    non_blocking=True, so neither batch building nor the host-to-device copy stalls the GPU.
+    """
+    if device.type != "cuda":
+        yield from host_batches(dataset, start_sample, global_batch, rank, plan, pin=False)
+        return
+    host = host_batches(dataset, start_sample, global_batch, rank, plan, pin=True)
+    for batch in prefetched(
+        host, depth=2 * plan.num_microbatches, on_start=lambda: torch.cuda.set_device(device)
+    ):
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def forward_step(data_iterator, model):
@@ -237,7 +340,14 @@ def build_components(spec: RunSpec, plan: Plan):
     from steplaw_train.schedule import build_scheduler
 
     t = spec.train
-    gpt = build_model(spec.model, spec.data.vocab_size, t.seq_len, plan.bf16, plan.use_cuda)
+    gpt = build_model(
+        spec.model,
+        spec.data.vocab_size,
+        t.seq_len,
+        plan.bf16,
+        plan.use_cuda,
+        deterministic=plan.deterministic,
+    )
     config = gpt.config
     if plan.bf16:
         from megatron.core.transformer.module import Float16Module
@@ -245,7 +355,8 @@ def build_components(spec: RunSpec, plan: Plan):
         gpt = Float16Module(config, gpt)  # casts inputs/outputs as megatron's bf16 training does
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=plan.overlap,
+        overlap_param_gather=plan.overlap,
         use_distributed_optimizer=plan.distributed_optimizer,
     )
     model = DistributedDataParallel(config, ddp_cfg, gpt)
@@ -327,11 +438,12 @@ def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -
     done = _finished(run_dir, spec)
     if done is not None:
         return done
-    use_cuda = torch.cuda.is_available()
+    use_cuda = resolve_device(options.device, torch.cuda.is_available())
     plan = make_plan(spec, options, use_cuda, distributed.env_world_size())
     check_memory(spec, use_cuda)
     rundir.check_owner(run_dir, spec, checkpoint_format(plan))
     check_data(spec, options)
+    apply_determinism(plan)
     lock = rundir.owned(run_dir) if distributed.env_rank() == 0 else contextlib.nullcontext()
     with lock:
         done = _finished(run_dir, spec)  # another trainer may have finished it meanwhile
@@ -592,13 +704,14 @@ def checkpoint_or_stop(loop: Loop, flag: SignalFlag) -> None:
     step = loop.state.step
     if step % loop.options.checkpoint_interval == 0 or signum is not None:
         if step < loop.spec.iterations:
-            ckpt.save(
+            save_checkpoint(
                 loop.run_dir,
                 loop.model,
                 loop.optimizer,
                 loop.scheduler,
                 loop.state,
-                loop.options.keep_checkpoints,
+                loop.options,
+                loop.plan,
             )
         if signum is not None:
             loop.logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
@@ -615,6 +728,23 @@ def finish(loop: Loop, outcome: Outcome) -> dict:
         torch.distributed.barrier()
         result = rundir.read_result(loop.run_dir)
     return result
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: Plan) -> None:
+    """ckpt.save, with the overlapped parameter all-gather finished first.
+
+    With overlap_param_gather the optimizer step leaves the updated parameters to be gathered
+    by the next forward's pre-hook, so the model's weights are stale at the step boundary;
+    like Megatron-LM's training loop, disable the hook with a synchronous gather before the
+    save and re-enable it after.
+    """
+    if plan.overlap:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
+    finally:
+        if plan.overlap:
+            model.enable_forward_pre_hook()
 
 
 def _elapsed_from_metrics(run_dir: Path, step: int) -> float:

@@ -55,6 +55,7 @@ def test_sbatch_script_matches_golden(tmp_path):
         "#SBATCH --account=steplaw",
         "module load cuda/12.4",
         "#SBATCH --array=0-119%64",
+        "#SBATCH --mem=256GB",  # explicit host memory (32 GB per GPU), not the cluster default
     ):
         assert line in text, line
     # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch

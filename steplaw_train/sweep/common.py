@@ -1,7 +1,8 @@
 """What the full and the guided sweep share: the sweep's setup, which runs go out, the dry-run
 table and the sweep directory's records.
 
-Which runs go out (`select`):
+Every spec is validated, and megatron's config built for every model shape, before anything
+runs. Which runs go out (`select`):
   pending / preempted           always (a preempted run resumes; it is not a failure)
   failed                        while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
@@ -54,6 +55,7 @@ class Setup:
     retry_failed: bool
     max_retries: int
     dry_run: bool
+    model_shapes: int = 0  # distinct models whose megatron config was built (check_models)
 
 
 def plain(section: Any) -> dict[str, Any]:
@@ -147,6 +149,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
     launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
     resources = launcher.resources  # capped at the cluster's time limit (SLURM)
+    shapes = check_models(specs)
     return Setup(
         specs=tuple(specs),
         sweep_dir=sweep_dir,
@@ -156,7 +159,20 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
         retry_failed=bool(cfg.get("retry_failed", False)),
         max_retries=int(cfg.get("max_retries", 1)),
         dry_run=bool(cfg.get("dry_run", False)),
+        model_shapes=shapes,
     )
+
+
+def check_models(specs: Sequence[RunSpec]) -> int:
+    """Build megatron's TransformerConfig once per distinct model shape (dry run included):
+    megatron validates many settings only at construction, and a preset it rejects must fail
+    here, not in every job after its queue wait. Returns the number of shapes built."""
+    from steplaw_train.model import check_buildable
+
+    models = {s.model for s in specs}
+    for model in sorted(models, key=lambda m: m.name):
+        check_buildable(model)
+    return len(models)
 
 
 def select(statuses: Sequence[status.RunStatus], retry_failed: bool, max_retries: int) -> list[str]:

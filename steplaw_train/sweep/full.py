@@ -43,6 +43,7 @@ def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResul
 
     `overrides` are the command line's (a grid axis's field overridden there is refused)."""
     setup = setup_from_cfg(cfg, overrides)
+    print(f"megatron configs built for {setup.model_shapes} model shape(s)", file=out)
     search = plain(cfg.get("search"))
     if str(search.get("name", "full")) != "full":  # search=guided
         return guided.run(cfg, setup, out)
