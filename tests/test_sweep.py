@@ -125,6 +125,15 @@ def test_unknown_launcher_key_names_the_valid_ones(tmp_path, data_root, launcher
     assert not (tmp_path / "sw").exists()
 
 
+def test_another_grid_into_an_existing_sweep_dir_is_refused_before_writing(tmp_path, data_root):
+    sw = tmp_path / "sw"
+    sweep(cfg_for(sw, data_root, "launcher=debug"), out=io.StringIO())
+    manifest = (sw / "manifest.json").read_bytes()
+    with pytest.raises(SpecError, match=r"sweep_dir: .* holds grid 'tiny', not 'other'"):
+        sweep(cfg_for(sw, data_root, "launcher=debug", "grid.name=other", "dry_run=true"))
+    assert (sw / "manifest.json").read_bytes() == manifest
+
+
 def test_unknown_search_key_of_the_full_search_is_refused(tmp_path, data_root):
     with pytest.raises(
         SpecError, match=r"search\.batch: unknown key 'batch'; allowed keys: \['name'\]"

@@ -137,6 +137,19 @@ def check_sweep_fields(cfg: Any) -> None:
         raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
 
 
+def check_sweep_dir_grid(sweep_dir: Path, grid_name: str) -> None:
+    """A sweep dir belongs to one grid: another grid's manifest would be replaced (its runs
+    dropped from status and the analysis's view of the sweep), so refuse before writing. The
+    same grid may change its axes (the manifest follows it; finished runs are kept)."""
+    manifest = rundir.read_manifest(sweep_dir)
+    if manifest is not None and manifest.get("grid") not in (None, grid_name):
+        raise SpecError(
+            "sweep_dir",
+            f"{sweep_dir} holds grid {manifest['grid']!r}, not {grid_name!r}; "
+            "give this grid its own sweep_dir",
+        )
+
+
 def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     """Expand and validate everything a sweep needs before it touches the sweep dir."""
     check_sweep_fields(cfg)
@@ -147,6 +160,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     options = replace(options, wandb_group=options.wandb_group or grid_name)
     resources = resource_model(cfg.get("resources"))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    check_sweep_dir_grid(sweep_dir, grid_name)
     launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
     resources = launcher.resources  # capped at the cluster's time limit (SLURM)
     shapes = check_models(specs)
