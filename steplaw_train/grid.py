@@ -18,7 +18,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -184,13 +185,20 @@ def yaml_presets() -> Presets:
     return Presets(load)
 
 
-def _model(value: Any, presets: Presets, entry: str) -> ModelSpec:
+@contextmanager
+def _in_entry(entry: str) -> Iterator[None]:
+    """A preset's SpecError, re-raised as a GridError that also names the grid entry."""
     try:
-        return _model_unchecked(value, presets, entry)
+        yield
     except GridError:
         raise
     except SpecError as e:
         raise GridError(e.field, entry, str(e).split(": ", 1)[1]) from None
+
+
+def _model(value: Any, presets: Presets, entry: str) -> ModelSpec:
+    with _in_entry(entry):
+        return _model_unchecked(value, presets, entry)
 
 
 def _model_unchecked(value: Any, presets: Presets, entry: str) -> ModelSpec:
@@ -204,12 +212,8 @@ def _model_unchecked(value: Any, presets: Presets, entry: str) -> ModelSpec:
 
 
 def _data(value: Any, presets: Presets, entry: str) -> DataSpec:
-    try:
+    with _in_entry(entry):
         return _data_unchecked(value, presets, entry)
-    except GridError:
-        raise
-    except SpecError as e:
-        raise GridError(e.field, entry, str(e).split(": ", 1)[1]) from None
 
 
 def _data_unchecked(value: Any, presets: Presets, entry: str) -> DataSpec:
