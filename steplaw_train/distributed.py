@@ -5,7 +5,7 @@ SLURM_NTASKS, SLURM_LOCALID), so the same code runs data-parallel across the GPU
 job is given (NCCL) or across CPU processes (gloo: `torchrun --standalone --nproc_per_node 2 -m
 steplaw_train.train ...`, which is how the tests exercise megatron DDP's gradient all-reduce,
 per-rank batch slices and multi-rank checkpoints without a GPU). A lone process still needs a
-group (megatron-core asks for ranks): size 1, a private tcp:// rendezvous on a free local port.
+group (megatron-core asks for ranks): size 1, rendezvous through an in-process store (no port).
 Only data parallelism is used: Step Law models (<= 1B) fit on one GPU.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,12 +31,6 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _default_master_addr() -> str:
@@ -102,22 +95,24 @@ def init(use_cuda: bool) -> World:
         rank, local = 0, 0  # a lone process whatever a stale RANK/LOCAL_RANK says
     if not dist.is_initialized():
         if world == 1:
-            # a private rendezvous; nothing in os.environ, which child processes and jobs
-            # submitted from this process would inherit (a stale MASTER_ADDR in a job's
-            # environment makes submitit refuse to set up a multi-task job)
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # an in-process store: no port to race for (a free port picked on 127.0.0.1 was
+            # taken on the node's own address by another job's gloo socket: EADDRINUSE on the
+            # multi-node CI cluster) and nothing in os.environ, which child processes and jobs
+            # submitted from here would inherit (a stale MASTER_ADDR in a job's environment
+            # makes submitit refuse to set up a multi-task job)
+            rendezvous = {"store": dist.HashStore()}
         else:
             os.environ.setdefault("MASTER_ADDR", _default_master_addr())
             os.environ.setdefault("MASTER_PORT", "29500")
-            init_method = "env://"
+            rendezvous = {"init_method": "env://"}
         if use_cuda:
             torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count()))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=PROCESS_GROUP_TIMEOUT,
+            **rendezvous,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
