@@ -22,10 +22,12 @@ from tests.test_slurm_multinode import gpu_cfg
 
 pytestmark = pytest.mark.slurm
 cluster, env = base.cluster, base.env
-# 2,800 steps (~100 s of training on an idle 2-core machine, ~15 s more to start): more than one
-# 2-minute job of the `short` partition, whose warning signal (30 s before the end) slurmctld
-# sends up to 30 s early (it checks time limits every 30 s): at 60-90 s
-LONGER = "grid.blocks=[{model:[demo_dense_small],tokens:[1433600],lr:[0.003],batch_size:[4]}]"
+# 5,600 steps: ~120 s of training on the idle 2-core CI machine (2,800 steps took ~60 s there and
+# finished just before the warning signal, so the job never reached its limit), ~15 s more to
+# start: more than one 2-minute job of the `short` partition, whose warning signal (30 s before
+# the end) slurmctld sends up to 30 s early (it checks time limits every 30 s): at 60-90 s.
+# A loaded machine only adds segments.
+LONGER = "grid.blocks=[{model:[demo_dense_small],tokens:[2867200],lr:[0.003],batch_size:[4]}]"
 
 
 @pytest.mark.parametrize("grid", ["dense_1b", "dense"])
