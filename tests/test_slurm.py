@@ -179,8 +179,11 @@ def test_requeued_run_resumes_bitwise(env):
 
 def test_failed_run_shows_log_tail_and_is_retried_alone(array_sweep, env, capsys):
     sw, res, _ = array_sweep
-    bad_root = env / "not_a_dir"
-    bad_root.write_text("a file where the data root should be: fails after validation")
+    # a data root whose `datasets` is a file: passes the sweep's checks, the job then cannot
+    # build the demo corpus (a data root that is itself a file is refused before submission)
+    bad_root = env / "bad_root"
+    bad_root.mkdir()
+    (bad_root / "datasets").write_text("injected failure")
     extra = GRID6.replace("0.002,0.003,0.004", "0.002,0.003,0.004,0.005")
     failing = sweep(cfg_for(sw, bad_root, extra, "max_retries=0"))
     assert len(failing.submitted) == 2  # lr 0.005 x bs {2, 4}: the new runs only
