@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_grid_goes_out_as_one_array_and_completes(array_sweep):
         assert result["status"] == "done" and result["run_id"] == rid
         assert wandb_ids(sw / "runs" / rid) == {rid}
     out = subprocess.run(
-        ["python", "-m", "steplaw_train.sweep.status", str(sw), "--json"],
+        [sys.executable, "-m", "steplaw_train.sweep.status", str(sw), "--json"],
         capture_output=True,
         text=True,
         check=True,
