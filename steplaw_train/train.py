@@ -781,12 +781,11 @@ def finish(loop: Loop, outcome: Outcome) -> dict:
     if loop.world.is_main:
         loop.logger.summary(result)
         result = rundir.write_result(loop.run_dir, result)
-        if loop.options.prune_checkpoints:
-            keep = final["step"] if final["kind"] == "full" else None
-            ckpt.prune_steps(loop.run_dir, keep)
     if loop.world.world_size > 1:
         torch.distributed.barrier()
         result = rundir.read_result(loop.run_dir)
+    if loop.world.is_main and loop.options.prune_checkpoints:  # no rank waits on the deletes
+        ckpt.prune_steps(loop.run_dir, final["step"] if final["kind"] == "full" else None)
     return result
 
 
