@@ -52,7 +52,8 @@ def bench_spec(preset, seq, bs, steps):
 
 def bench_options(data_root, threads, mbs, wandb):
     return RunOptions(data_root=Path(data_root), checkpoint_interval=10**9, wandb_mode=wandb,
-                      num_threads=threads or None, max_micro_batch=mbs)
+                      num_threads=threads or None, max_micro_batch=mbs,
+                      checkpoint_minutes=None, final_checkpoint="none")  # the loop alone
 """
 
 PAIRS = (

@@ -11,6 +11,14 @@ different number of data-parallel ranks (the only parallelism we use). Replicate
 model, a plain optimizer's state) are written by all data-parallel ranks in parallel, each a
 share (megatron's fully parallel save strategy). A load takes the sharding type from the
 checkpoint's own content metadata, so checkpoints written with another type still load.
+
+When a run finishes (train.finish) it keeps what `options.final_checkpoint` asks for: the
+model's weights alone in `checkpoints/final/` (`save_model`; megatron's own sharded state dict
+of the model, loadable with `load_model` into a freshly built model), its last full checkpoint,
+or nothing; then result.json is written, then `prune_steps` deletes the other step checkpoints.
+That order is what makes a crash anywhere harmless: before result.json the run resumes from its
+step checkpoints (and writes the final save again); after it, a rerun returns the result and
+finishes the prune (`finish_pending_prune`).
 """
 
 from __future__ import annotations
@@ -166,6 +174,92 @@ def sharding_metadata(path: Path) -> dict:
     from megatron.core import dist_checkpointing
 
     return dict(dist_checkpointing.load_content_metadata(str(path)) or {})
+
+
+def final_record(kind: str, run_dir: Path, step: int | None) -> dict[str, Any]:
+    """result.json's `final_checkpoint`: what the run kept and where (relative to the run dir)."""
+    if kind == "model":
+        path = rundir.final_checkpoint_dir(run_dir)
+    elif kind == "full" and step is not None:
+        path = step_dir(run_dir, step)
+    else:
+        return {"kind": "none", "path": None, "step": None}
+    return {"kind": kind, "path": str(path.relative_to(run_dir)), "step": step}
+
+
+def save_model(run_dir: Path, model, step: int) -> Path:
+    """The model's weights only (no optimizer, scheduler or RNG state): `checkpoints/final/`.
+
+    megatron-core's dist_checkpointing of the model's own sharded_state_dict, written by all
+    data-parallel ranks in parallel like a full save; 2 bytes per parameter in bf16 instead of
+    ~14. A leftover of an earlier attempt (a crash before result.json) is replaced; the
+    `complete` marker comes last, so a half-written one is never taken for a model.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = rundir.final_checkpoint_dir(run_dir)
+    rank0 = _is_rank0()
+    if rank0:
+        with save_errors_named(path):
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = {"model": model.module.sharded_state_dict()}
+    start_writer_process()
+    with save_errors_named(path):
+        dist_checkpointing.save(sd, str(path), sharded_strategy=_save_strategy())
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        with save_errors_named(path):
+            _write_marker(path / COMPLETE, step)
+    return path
+
+
+def load_model(path: Path, module) -> None:
+    """Load a model-only checkpoint (`save_model`) into a built model (GPTModel, or the
+    Float16Module around it); it must have the same shape and precision."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    module.load_state_dict(loaded["model"])
+
+
+def prune_steps(run_dir: Path, keep_step: int | None = None) -> None:
+    """Delete every step checkpoint but `keep_step` (a finished run's; rank 0 only).
+
+    Each one loses its marker first: a crash in the middle of a deletion leaves an incomplete
+    directory that nothing loads and the next prune or start removes. `step_N.unloadable`
+    directories (set aside by load_latest as evidence of a fault) are left alone.
+    """
+    root = ckpt_root(run_dir)
+    if not root.exists():
+        return
+    for p in sorted(root.iterdir()):
+        m = _STEP_DIR.match(p.name)
+        if not m or int(m.group(1)) == keep_step:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (p / COMPLETE).unlink()
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def finish_pending_prune(run_dir: Path, result: dict[str, Any], prune: bool) -> None:
+    """A rerun of a finished run completes the prune a crash after result.json cut short.
+
+    Only for results written by this lifecycle (they record `final_checkpoint`): the step
+    checkpoints of runs finished before it are theirs to keep.
+    """
+    final = result.get("final_checkpoint")
+    if not prune or not isinstance(final, dict):
+        return
+    keep = final.get("step") if final.get("kind") == "full" else None
+    prune_steps(run_dir, keep)
 
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
@@ -363,12 +457,13 @@ def load(run_dir: Path, step: int, model, optimizer, scheduler) -> TrainState:
 
 
 def remove_incomplete(run_dir: Path) -> None:
-    """Delete checkpoint dirs without a marker (left by a kill during save)."""
+    """Delete checkpoint dirs without a marker (left by a kill during a save or a prune)."""
     root = ckpt_root(run_dir)
     if not root.exists():
         return
     for p in root.iterdir():
-        if _STEP_DIR.match(p.name) and not (p / COMPLETE).exists():
+        ours = _STEP_DIR.match(p.name) or p.name == rundir.FINAL_CHECKPOINT
+        if ours and not (p / COMPLETE).exists():
             shutil.rmtree(p, ignore_errors=True)
 
 

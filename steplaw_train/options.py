@@ -6,15 +6,19 @@ wandb project to log to must not turn a finished run into a "new" one.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steplaw_train.spec import SpecError, check_int, check_real
+from steplaw_train.spec import SpecError, check_int, check_real, is_int, is_number
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cuda", "cpu")
 WANDB_MODES = (None, "online", "offline", "disabled")
+# what a finished run leaves (docs/design.md "Checkpoint lifecycle"): the model's weights only,
+# its last full checkpoint (optimizer state too: to train on from it), or nothing
+FINAL_CHECKPOINTS = ("model", "full", "none")
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,22 @@ class RunOptions:
     # megatron's mixed precision (bf16 model, fp32 main params) with the local spec: slow, but it
     # is how the tests check the GPU path's optimizer and checkpoints without a GPU
     precision: str = "auto"
-    checkpoint_interval: int = 200  # steps between checkpoints (also on SIGTERM/SIGUSR1/SIGUSR2)
+    # When to save during a run (either one triggers a save; SIGTERM/SIGUSR1/SIGUSR2 always do).
+    # Wall-clock minutes between saves, on rank 0's clock: a save costs the same whatever the
+    # step time, so a step count is either too often (a 1B bs=32 run: 305,176 steps, 1,525 saves
+    # of ~17 GB at 200 steps) or too rare. null/0 = off.
+    checkpoint_minutes: float | None = 30.0
+    # Steps between saves; null/0 = off (the default: time decides). Tests and short CPU runs
+    # set it to get saves at known steps.
+    checkpoint_interval: int | None = None
     keep_checkpoints: int = 2  # complete checkpoints kept: an unloadable newest falls back
+    # what a finished run keeps, written before result.json (FINAL_CHECKPOINTS): "model" =
+    # checkpoints/final/ with the weights only (2 B/param in bf16), "full" = its last full
+    # checkpoint (optimizer state included, ~14 B/param), "none" = nothing
+    final_checkpoint: str = "model"
+    # after result.json, delete the step checkpoints (all but the one "full" keeps); false
+    # leaves the newest keep_checkpoints of them (to inspect or copy a finished run's state)
+    prune_checkpoints: bool = True
     divergence_factor: float = 2.0  # after warmup, stop when the loss EMA exceeds factor * its best
     divergence_window: int = (
         50  # steps of that EMA: one hard batch (bs=1 at seq 128) is not divergence
@@ -58,7 +76,27 @@ def validate_options(options: RunOptions) -> None:
     check_int("options.max_micro_batch", o.max_micro_batch, 1)
     if o.precision not in PRECISIONS:
         raise SpecError("options.precision", f"must be one of {PRECISIONS}, got {o.precision!r}")
-    check_int("options.checkpoint_interval", o.checkpoint_interval, 1)
+    m = o.checkpoint_minutes
+    if m is not None and not (is_number(m) and math.isfinite(m) and m >= 0):
+        raise SpecError(
+            "options.checkpoint_minutes",
+            f"must be a number of minutes >= 0 or null (0/null = off), got {m!r}",
+        )
+    n = o.checkpoint_interval
+    if n is not None and not (is_int(n) and n >= 0):
+        raise SpecError(
+            "options.checkpoint_interval",
+            f"must be an integer >= 0 or null (0/null = off), got {n!r}",
+        )
+    if o.final_checkpoint not in FINAL_CHECKPOINTS:
+        raise SpecError(
+            "options.final_checkpoint",
+            f"must be one of {FINAL_CHECKPOINTS}, got {o.final_checkpoint!r}",
+        )
+    if not isinstance(o.prune_checkpoints, bool):
+        raise SpecError(
+            "options.prune_checkpoints", f"must be true or false, got {o.prune_checkpoints!r}"
+        )
     check_int("options.keep_checkpoints", o.keep_checkpoints, 1)
     check_real("options.divergence_factor", o.divergence_factor, 1, None, "()")
     check_int("options.divergence_window", o.divergence_window, 1)
@@ -111,4 +149,11 @@ def data_root_problem(root: Path) -> str | None:
     return None
 
 
-__all__ = ["DEVICES", "PRECISIONS", "RunOptions", "data_root_problem", "validate_options"]
+__all__ = [
+    "DEVICES",
+    "FINAL_CHECKPOINTS",
+    "PRECISIONS",
+    "RunOptions",
+    "data_root_problem",
+    "validate_options",
+]

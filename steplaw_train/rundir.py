@@ -7,7 +7,8 @@ stage agrees on what a run is:
     <run_dir>/metrics.jsonl   one JSON object per logged step (step, tokens, loss, lr, ...)
     <run_dir>/result.json     {"schema_version", "run_id", "status", "smooth_loss", ...}; last
     <run_dir>/launch.json     {"attempts": [...]} (launch/executors.py)
-    <run_dir>/checkpoints/    step_<N>/ (checkpoint.py) + format.json (what wrote them)
+    <run_dir>/checkpoints/    step_<N>/ (checkpoint.py) + format.json (what wrote them); a
+                              finished run: final/ (model weights only) or its last step_<N>/
     <run_dir>/.lock           flock held by the live trainer (locks.py)
 
 Readers never crash on damaged content. A torn last line of a JSONL file (a kill, a full disk)
@@ -42,6 +43,7 @@ RESULT = "result.json"
 LAUNCH = "launch.json"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FORMAT = "format.json"
+FINAL_CHECKPOINT = "final"  # checkpoints/final/: a finished run's model-only save
 LOCK = ".lock"
 # the sweep directory around the run dirs
 RUNS = "runs"
@@ -86,6 +88,11 @@ def launch_path(run_dir: Path) -> Path:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
+
+
+def final_checkpoint_dir(run_dir: Path) -> Path:
+    """Where a finished run's model-only checkpoint lives (options.final_checkpoint="model")."""
+    return checkpoints_dir(run_dir) / FINAL_CHECKPOINT
 
 
 def run_dir(sweep_dir: Path, run_id: str) -> Path:

@@ -9,12 +9,17 @@ adds is the run's life cycle:
 * resume from the latest complete checkpoint whatever restarted the run (requeue, kill -9, a
   rerun by hand), truncating metrics.jsonl to the checkpoint so the file equals an uninterrupted
   run's — data order is a pure function of consumed samples, so the loss curve is bitwise equal;
-* checkpoint every `checkpoint_interval` steps and when SIGTERM/SIGUSR1/SIGUSR2 arrive (the
-  handler only sets a flag; the save happens at the next step boundary, then the signal is
-  re-raised with the previous handler restored, so submitit or the default action still apply);
+* checkpoint every `checkpoint_minutes` of wall time (rank 0's clock), every
+  `checkpoint_interval` steps if set, and when SIGTERM/SIGUSR1/SIGUSR2 arrive (the handler only
+  sets a flag; the save happens at the next step boundary, then the signal is re-raised with the
+  previous handler restored, so submitit or the default action still apply); ranks decide on one
+  all-reduced snapshot of the signal and the clock, as the save is collective;
+* at the end, the final save `final_checkpoint` asks for (model weights only by default), then
+  result.json, then the step checkpoints are pruned (checkpoint.py: crash-safe in that order);
 * the divergence guard: a non-finite loss, or after warmup a loss EMA above `divergence_factor` x
   its best so far, ends the run with status "diverged" and smooth_loss = inf;
-* result.json last, atomically; a finished run directory is returned unchanged, never rewritten.
+* result.json last, atomically; a finished run directory is returned unchanged, never rewritten
+  (a rerun only completes a prune that a crash cut short).
 
 `main()` is the Hydra shell: `python -m steplaw_train.train model=demo_dense data=demo ...`.
 """
@@ -183,26 +188,29 @@ class SignalFlag:
         if self.signum is None:
             self.signum = signum
 
-    def agree(self, world_size: int) -> int | None:
-        """The signal this step acts on, the same on every rank.
+    def agree(self, world_size: int, time_due: bool = False) -> tuple[int | None, bool]:
+        """The signal this step acts on and whether the save clock is due, the same on every rank.
 
         SLURM and torchrun deliver a signal to each process at slightly different steps, and the
         checkpoint save is collective, so ranks decide on an all-reduced snapshot of their flags.
         A signal landing after the snapshot (even during the all-reduce itself) waits for the
         next step's agreement: deciding on the live flag let one rank enter the save alone
-        while the others went on training (a deadlock, seen once in CI).
+        while the others went on training (a deadlock, seen once in CI). The time-based save
+        rides on the same all-reduce (no second collective per step): only rank 0 passes its
+        clock's verdict (`time_due`), the others 0, so every rank saves at the step rank 0's
+        clock says, whatever their own clocks read.
         """
         local = self.signum or 0
         if world_size == 1:
-            return local or None
-        t = torch.tensor([local], dtype=torch.int64)
+            return local or None, bool(time_due)
+        t = torch.tensor([local, int(bool(time_due))], dtype=torch.int64)
         if torch.cuda.is_available():
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(t)
+        agreed, due = int(t[0]), bool(int(t[1]))
         if agreed and self.signum is None:
             self.signum = agreed  # a rank the signal has not reached re-raises it too
-        return agreed or None
+        return agreed or None, due
 
     def restore(self) -> None:
         for s, prev in self._previous.items():
@@ -225,6 +233,29 @@ class SignalFlag:
             os.kill(os.getpid(), signum)
             time.sleep(5)  # a Python-level handler runs at the next bytecode; default kills us
             raise SystemExit(128 + signum)
+
+
+@dataclass
+class SaveClock:
+    """Wall time since the last save (or this process's start of training): a save is due every
+    `minutes` (None or 0: never). Only rank 0's verdict is used (SignalFlag.agree)."""
+
+    minutes: float | None
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return bool(self.minutes) and time.monotonic() - self.last >= 60.0 * self.minutes
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+
+def step_save_due(interval: int | None, step: int) -> bool:
+    """The step interval (tests, short runs): None or 0 is off."""
+    return bool(interval) and step % interval == 0
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -437,7 +468,7 @@ def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -
     options = options or RunOptions()
     done = _finished(run_dir, spec)
     if done is not None:
-        return done
+        return _finished_again(run_dir, done, options)
     use_cuda = resolve_device(options.device, torch.cuda.is_available())
     plan = make_plan(spec, options, use_cuda, distributed.env_world_size())
     check_memory(spec, use_cuda)
@@ -448,7 +479,7 @@ def run(spec: RunSpec, run_dir: Path | str, options: RunOptions | None = None) -
     with lock:
         done = _finished(run_dir, spec)  # another trainer may have finished it meanwhile
         if done is not None:
-            return done
+            return _finished_again(run_dir, done, options)
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
         if not use_cuda:
@@ -469,6 +500,14 @@ def _finished(run_dir: Path, spec: RunSpec) -> dict | None:
     """The run's result if it has finished; refuses a run dir of another spec (check_owner)."""
     rundir.check_owner(run_dir, spec)
     return rundir.read_result(run_dir)
+
+
+def _finished_again(run_dir: Path, result: dict, options: RunOptions) -> dict:
+    """A rerun of a finished run: its result, after completing the prune that a crash between
+    result.json and the prune cut short (rank 0; nothing is trained or rewritten)."""
+    if distributed.env_rank() == 0:
+        ckpt.finish_pending_prune(run_dir, result, options.prune_checkpoints)
+    return result
 
 
 def checkpoint_format(plan: Plan) -> dict[str, Any]:
@@ -493,6 +532,8 @@ class Loop:
     meter: Meter
     batches: Any
     fwd_bwd: Any
+    clock: SaveClock
+    start_step: int = 0  # the step this process resumed at (0: a fresh start)
 
 
 def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, flag) -> dict:
@@ -523,6 +564,8 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
         ),
         fwd_bwd=_forward_backward_func(),
         meter=Meter.begin(spec, world, _elapsed_from_metrics(run_dir, state.step)),
+        clock=SaveClock(options.checkpoint_minutes),
+        start_step=state.step,
     )
     try:
         outcome = Outcome()
@@ -538,7 +581,7 @@ def _run(spec: RunSpec, run_dir: Path, options: RunOptions, plan: Plan, world, f
 
 # ---- the loop's named steps ----------------------------------------------------------------------
 def prepare_run_dir(run_dir: Path, world) -> None:
-    """The run dir exists; a checkpoint a kill left half-written is gone."""
+    """The run dir exists; a checkpoint a kill left half-written (or half-pruned) is gone."""
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run_dir)
@@ -698,40 +741,85 @@ def metrics_record(loop: Loop, loss: float, grad_norm, aux: float | None) -> dic
 
 
 def checkpoint_or_stop(loop: Loop, flag: SignalFlag) -> None:
-    """Checkpoint every `checkpoint_interval` steps and when a signal arrived; after a signal's
-    checkpoint hand the signal on (the process ends or is requeued there)."""
-    signum = flag.agree(loop.world.world_size)
+    """Checkpoint when rank 0's save clock is due (`checkpoint_minutes`), every
+    `checkpoint_interval` steps if set, and when a signal arrived; after a signal's checkpoint
+    hand the signal on (the process ends or is requeued there). The last step is not saved
+    here: `finish` decides what a finished run keeps; a signal at the last step lets the run
+    finish (its final save is what a resume would have to redo) instead of requeueing it."""
     step = loop.state.step
-    if step % loop.options.checkpoint_interval == 0 or signum is not None:
-        if step < loop.spec.iterations:
-            save_checkpoint(
-                loop.run_dir,
-                loop.model,
-                loop.optimizer,
-                loop.scheduler,
-                loop.state,
-                loop.options,
-                loop.plan,
-            )
-        if signum is not None:
-            loop.logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
-            flag.reraise()
+    if step >= loop.spec.iterations:  # every rank reaches it at the same step
+        return
+    time_due = loop.world.is_main and loop.clock.due()
+    signum, time_due = flag.agree(loop.world.world_size, time_due)
+    if step_save_due(loop.options.checkpoint_interval, step) or time_due or signum is not None:
+        save_checkpoint(
+            loop.run_dir,
+            loop.model,
+            loop.optimizer,
+            loop.scheduler,
+            loop.state,
+            loop.options,
+            loop.plan,
+        )
+        loop.clock.reset()  # the next save is due `checkpoint_minutes` after this one
+    if signum is not None:
+        loop.logger.close(exit_code=128 + signum, preempted=True)  # requeued, resumes
+        flag.reraise()
 
 
 def finish(loop: Loop, outcome: Outcome) -> dict:
-    """result.json from rank 0; every rank returns the record rank 0 wrote."""
+    """The final save, then result.json from rank 0, then the prune; every rank returns the
+    record rank 0 wrote.
+
+    The order is the crash-safety argument: until result.json exists the step checkpoints are
+    untouched, so a crash resumes (and redoes the final save, which replaces a leftover); once
+    it exists the run is finished, and a rerun only completes the prune (`_finished_again`).
+    """
+    final = final_save(loop, outcome)
     result = build_result(loop, outcome)
+    result["final_checkpoint"] = final
     if loop.world.is_main:
         loop.logger.summary(result)
         result = rundir.write_result(loop.run_dir, result)
     if loop.world.world_size > 1:
         torch.distributed.barrier()
         result = rundir.read_result(loop.run_dir)
+    if loop.world.is_main and loop.options.prune_checkpoints:  # no rank waits on the deletes
+        ckpt.prune_steps(loop.run_dir, final["step"] if final["kind"] == "full" else None)
     return result
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: Plan) -> None:
-    """ckpt.save, with the overlapped parameter all-gather finished first.
+def final_save(loop: Loop, outcome: Outcome) -> dict[str, Any]:
+    """What a finished run keeps (options.final_checkpoint), saved collectively; its record.
+
+    "model": the weights alone, `checkpoints/final/`. "full": a full checkpoint of the last
+    step, to train on from. A diverged run's weights are what blew up: nothing new is saved;
+    "full" keeps its newest checkpoint from before the divergence (to look into), "model" and
+    "none" keep nothing.
+    """
+    kind, state = loop.options.final_checkpoint, loop.state
+    if outcome.status == "diverged":
+        latest = ckpt.latest_step(loop.run_dir) if kind == "full" else None
+        return ckpt.final_record("full" if latest is not None else "none", loop.run_dir, latest)
+    if kind == "model":
+        with params_synced(loop.model, loop.plan):
+            ckpt.save_model(loop.run_dir, loop.model, state.step)
+    elif kind == "full" and loop.start_step != state.step:  # else: resumed from that very one
+        save_checkpoint(
+            loop.run_dir,
+            loop.model,
+            loop.optimizer,
+            loop.scheduler,
+            state,
+            loop.options,
+            loop.plan,
+        )
+    return ckpt.final_record(kind, loop.run_dir, state.step)
+
+
+@contextlib.contextmanager
+def params_synced(model, plan: Plan):
+    """The model's weights current for a save.
 
     With overlap_param_gather the optimizer step leaves the updated parameters to be gathered
     by the next forward's pre-hook, so the model's weights are stale at the step boundary;
@@ -741,10 +829,16 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: 
     if plan.overlap:
         model.disable_forward_pre_hook(param_sync=True)
     try:
-        ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
+        yield
     finally:
         if plan.overlap:
             model.enable_forward_pre_hook()
+
+
+def save_checkpoint(run_dir, model, optimizer, scheduler, state, options, plan: Plan) -> None:
+    """ckpt.save, with the overlapped parameter all-gather finished first (params_synced)."""
+    with params_synced(model, plan):
+        ckpt.save(run_dir, model, optimizer, scheduler, state, options.keep_checkpoints)
 
 
 def _elapsed_from_metrics(run_dir: Path, step: int) -> float:
@@ -804,10 +898,15 @@ def build_result(loop: Loop, outcome: Outcome) -> dict:
     spec, state = loop.spec, loop.state
     losses = [r["loss"] for r in rundir.read_metrics(loop.run_dir)]
     diverged = outcome.status == "diverged"
+    final_loss = outcome.last_loss
+    if math.isnan(final_loss) and losses and state.step == spec.iterations:
+        # resumed from a full checkpoint of the last step (final_checkpoint="full", a crash
+        # before result.json): no step ran in this process; the last step's logged loss
+        final_loss = float(losses[-1])
     result = {
         "run_id": spec.run_id,
         "status": outcome.status,
-        "final_loss": outcome.last_loss,
+        "final_loss": final_loss,
         "smooth_loss": math.inf
         if diverged
         else smoothed_final_loss(losses, spec.train.log_interval),
@@ -856,7 +955,7 @@ def main() -> None:
     _main()
 
 
-__all__ = ["Plan", "auto_micro_batch", "make_plan", "run", "main"]
+__all__ = ["Plan", "SaveClock", "auto_micro_batch", "make_plan", "run", "main"]
 
 if __name__ == "__main__":
     main()

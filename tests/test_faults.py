@@ -83,7 +83,9 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 def reference(tmp_path_factory, data_root) -> Path:
     """SPEC trained without interruption: the curve every recovery must reproduce bit for bit."""
     run_dir = tmp_path_factory.mktemp("faults_ref") / "run"
-    run(tiny_spec(**SPEC), run_dir, _opts(data_root))
+    # the step checkpoints stay (as a crash between result.json and the prune leaves them), so
+    # `interrupted` can copy them
+    run(tiny_spec(**SPEC), run_dir, _opts(data_root, prune_checkpoints=False))
     return run_dir
 
 
@@ -136,7 +138,12 @@ def test_absurd_shapes_fail_before_allocation():
     "change, field",
     [
         ({"keep_checkpoints": 0}, "options.keep_checkpoints"),
-        ({"checkpoint_interval": 0}, "options.checkpoint_interval"),
+        ({"checkpoint_interval": -1}, "options.checkpoint_interval"),
+        ({"checkpoint_interval": 2.5}, "options.checkpoint_interval"),
+        ({"checkpoint_minutes": -1}, "options.checkpoint_minutes"),
+        ({"checkpoint_minutes": float("nan")}, "options.checkpoint_minutes"),
+        ({"final_checkpoint": "weights"}, "options.final_checkpoint"),
+        ({"prune_checkpoints": "yes"}, "options.prune_checkpoints"),
         ({"divergence_factor": 1.0}, "options.divergence_factor"),
         ({"precision": "fp8"}, "options.precision"),
         ({"num_threads": 0}, "options.num_threads"),

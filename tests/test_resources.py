@@ -71,12 +71,20 @@ def test_launcher_limit_and_bad_values():
 
 def test_checkpoint_disk_of_a_sweep():
     specs = expand_from_cfg(sweep_cfg("+grid=dense_1b"))
-    one = sweep_disk(specs[:1], specs[:1], keep=1, in_flight=1, gpu=True)
-    assert 15e9 < one.end_bytes < 19e9  # a 1B model's checkpoint with optimizer: ~17 GB
-    assert one.peak_bytes == 2 * one.end_bytes  # the old one stays until the new is complete
-    all_ = sweep_disk(specs, specs, keep=1, in_flight=10, gpu=True)
-    assert all_.end_bytes == sum(s.N * 14 for s in specs)
-    assert all_.end_bytes < all_.peak_bytes <= all_.end_bytes * (1 + 10 / len(specs)) + 1
+    full = sweep_disk(specs[:1], specs[:1], keep=1, in_flight=1, gpu=True, final_checkpoint="full")
+    assert 15e9 < full.end_bytes < 19e9  # a 1B model's checkpoint with optimizer: ~17 GB
+    # training: the kept one and the one being saved (the old stays until the new is complete)
+    assert full.peak_bytes == full.end_bytes + 2 * full.end_bytes
+    model = sweep_disk(specs[:1], specs[:1], keep=1, in_flight=1, gpu=True)
+    assert model.end_bytes * 7 == full.end_bytes  # bf16 weights: 2 of the 14 bytes/param
+    assert model.peak_bytes - model.end_bytes == full.peak_bytes - full.end_bytes
+    assert sweep_disk(specs, specs, 2, 10, True, "none").end_bytes == 0
+    all_ = sweep_disk(specs, specs, keep=2, in_flight=10, gpu=True)
+    assert all_.end_bytes == sum(s.N * 2 for s in specs)
+    ten_largest = sorted((s.N for s in specs), reverse=True)[:10]
+    assert all_.peak_bytes == all_.end_bytes + 3 * 14 * sum(ten_largest)
     nothing_new = sweep_disk(specs, [], keep=2, in_flight=10, gpu=False)
-    assert nothing_new.peak_bytes == nothing_new.end_bytes == 2 * sum(s.N * 12 for s in specs)
-    assert "TB at the end" in all_.describe()
+    assert nothing_new.peak_bytes == nothing_new.end_bytes == sum(s.N * 4 for s in specs)
+    kept = sweep_disk(specs, [], keep=2, in_flight=10, gpu=False, prune=False)
+    assert kept.end_bytes == sum(s.N * (2 * 12 + 4) for s in specs)  # the old lifecycle + final
+    assert "TB at the end (final_checkpoint=model)" in all_.describe()

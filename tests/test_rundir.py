@@ -92,7 +92,14 @@ def test_manifest_missing_keys_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, data_root) -> Path:
     d = tmp_path_factory.mktemp("own") / "run"
-    run(tiny_spec(), d, tiny_options(data_root, checkpoint_interval=10, keep_checkpoints=2))
+    # prune_checkpoints=False: steps 10 and 20 stay, as a crash before the prune leaves them
+    run(
+        tiny_spec(),
+        d,
+        tiny_options(
+            data_root, checkpoint_interval=10, keep_checkpoints=2, prune_checkpoints=False
+        ),
+    )
     return d
 
 

@@ -34,6 +34,7 @@ RESULT_KEYS = {
     "versions",
     "device",
     "precision",
+    "final_checkpoint",
 }
 
 
@@ -145,7 +146,11 @@ def test_run_dir_contract(reference: Path):
     assert math.isfinite(result["smooth_loss"])
     spec = json.loads((reference / "spec.json").read_text())
     assert spec["derived"]["run_id"] == result["run_id"] == tiny_spec(**RESUME_SPEC).run_id
-    assert ckpt.latest_step(reference) == 140
+    # the default lifecycle: the weights kept in checkpoints/final, the step checkpoints pruned
+    final = {"kind": "model", "path": "checkpoints/final", "step": 150}
+    assert result["final_checkpoint"] == final
+    assert (reference / final["path"] / ckpt.COMPLETE).exists()
+    assert ckpt.complete_steps(reference) == [] and not list(reference.glob("checkpoints/step_*"))
 
 
 @pytest.mark.timeout(180)
@@ -287,7 +292,10 @@ def test_two_data_parallel_ranks_train_like_one(dp_reference: Path, reference: P
     assert max(abs(a - b) / b for a, b in zip(dp, one, strict=True)) < 1e-4
     result = json.loads((dp_reference / "result.json").read_text())
     assert result["status"] == "done" and result["tokens"] == 150 * 4 * 32
-    assert ckpt.latest_step(dp_reference) == 140  # both ranks' shards of the collective save
+    # the final model save is collective: both ranks wrote their share; the prune ran once
+    final = dp_reference / result["final_checkpoint"]["path"]
+    assert {p.name.split("_")[2] for p in final.glob("__*_*.distcp")} == {"0", "1"}
+    assert (final / ckpt.COMPLETE).exists() and ckpt.complete_steps(dp_reference) == []
 
 
 @pytest.mark.timeout(240)

@@ -109,7 +109,8 @@ def write_dry_run_files(
 
 
 def disk_line(setup: Setup, todo: Sequence[RunSpec], batch_calls: int) -> str:
-    """The checkpoints' disk at the end and at the peak (launch/disk.py)."""
+    """The checkpoints' disk at the end (every run's final save) and at the peak (the runs in
+    flight training with their step checkpoints on top): launch/disk.py."""
     settings = setup.launcher.settings
     if setup.launcher.name == "slurm":
         in_flight = int(settings.array_parallelism) * batch_calls
@@ -121,6 +122,8 @@ def disk_line(setup: Setup, todo: Sequence[RunSpec], batch_calls: int) -> str:
         setup.options.keep_checkpoints,
         in_flight,
         setup.resources.gpus_per_node > 0,
+        setup.options.final_checkpoint,
+        setup.options.prune_checkpoints,
     )
     return room.describe()
 
