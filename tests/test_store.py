@@ -345,3 +345,36 @@ def _check_pending_cancel(dirs, store):
         cancel_mod.cancel(dirs[0], cells=["nope"], out=io.StringIO())
     with pytest.raises(SpecError, match=r"--run: not runs of this sweep: \['zz'\]"):
         cancel_mod.cancel(dirs[0], runs=["zz"], out=io.StringIO())
+
+
+def test_the_analysis_follows_links_once_and_counts_each_run_id_once(tmp_path):
+    """No training: synthetic run dirs. A store, two sweep dirs linking into it, a link back up
+    the tree (must not loop), and an old sweep's own copy of a run_id the store also has
+    (unfinished there, finished here: the finished one is the row)."""
+    import numpy as np
+
+    from analysis import synthetic
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "sweeps" / "runs"
+    specs = [synthetic.make_spec(64, 2, lr, 4, 64_000) for lr in (1e-3, 2e-3, 4e-3)]
+    for spec in specs[:2]:
+        synthetic.write_run(store, spec, 3.0, rng=rng)
+    synthetic.write_run(store, specs[2], 3.0, rng=rng, result=False)
+    for name, idx in (("a", (0, 1)), ("b", (1, 2))):
+        for i in idx:
+            rundir.link_run(tmp_path / "sweeps" / name, store, specs[i].run_id)
+    (tmp_path / "sweeps" / "a" / "loop").symlink_to("..")
+    old = tmp_path / "sweeps" / "old" / "runs"
+    copy = synthetic.write_run(old, specs[2], 3.1, rng=rng)  # finished in the old sweep's copy
+    tree = collect.collect_runs(tmp_path / "sweeps")
+    assert sorted(tree["run_id"]) == sorted(s.run_id for s in specs)
+    row = tree.set_index("run_id").loc[specs[2].run_id]
+    assert row["status"] == "done" and copy.name == specs[2].run_id
+    both = collect.load([tmp_path / "sweeps" / "a", tmp_path / "sweeps" / "b"])
+    assert len(both) == 3 and both["run_id"].is_unique
+    assert len(collect.collect_runs(tmp_path / "sweeps" / "b")) == 2
+    from steplaw_train import wandb_export
+
+    found = wandb_export.find_run_dirs(tmp_path / "sweeps")
+    assert len(found) == 4  # every real run dir once: 3 in the store + the old copy
