@@ -10,7 +10,9 @@ from pathlib import Path
 def _report(args: argparse.Namespace) -> int:
     from analysis import report
 
-    src = Path(args.source)
+    if len(args.source) > 1 and not args.out:
+        raise ValueError("report: several sources need --out (one report for all of them)")
+    src = Path(args.source[0])
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report"
     if not src.is_dir() and not args.out:
         out = Path.cwd() / f"report_{src.stem}"
@@ -21,7 +23,8 @@ def _report(args: argparse.Namespace) -> int:
     }  # fmt: skip
     # unset options take report.Settings' defaults: each default is written once, there
     settings = report.Settings(**{k: v for k, v in given.items() if v is not None})
-    report.run(src, out, settings, figures=not args.no_figures, quiet=args.quiet,
+    source = src if len(args.source) == 1 else [Path(s) for s in args.source]
+    report.run(source, out, settings, figures=not args.no_figures, quiet=args.quiet,
                valley=args.valley, wandb_project=args.wandb)  # fmt: skip
     return 0
 
@@ -41,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep dir or released CSV -> report directory",
         description="Unset options take analysis.report.Settings' defaults (docs/analysis.md).",
     )
-    r.add_argument("source", help="a sweep/runs directory or the authors' released CSV")
+    r.add_argument(
+        "source",
+        nargs="+",
+        help="sweep/runs directories (or a folder holding sweeps and their run store) or the "
+        "authors' released CSV; several are one table, each run_id counted once",
+    )
     r.add_argument("--out", help="report directory (default: <sweep>/report or ./report_<csv>)")
     r.add_argument("--threshold", type=float, help="plateau: relative gap to the cell minimum")
     r.add_argument("--n-boot", type=int, help="bootstrap resamples")

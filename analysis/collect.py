@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,22 +160,31 @@ def _released_moe(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def iter_run_dirs(root: str | Path, max_depth: int = 4) -> Iterator[Path]:
-    """Every run directory under `root` (root included), sorted."""
+    """Every run directory under `root` (root included), sorted, each real directory once.
+
+    Symlinks are followed: a sweep dir's `runs/<run_id>` links into the run store, and a tree
+    holding both the sweeps and the store reaches one run by several paths; each real directory
+    is yielded once (the first path found), and links back up the tree cannot loop."""
     root = Path(root)
     if rundir.is_run_dir(root):
         yield root
         return
     found: list[Path] = []
+    seen = {os.path.realpath(root)}
     stack = [(root, 0)]
     while stack:
         d, depth = stack.pop()
         try:
-            entries = list(os.scandir(d))
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError:
             continue
         for e in entries:
-            if not e.is_dir(follow_symlinks=False) or e.name == rundir.CHECKPOINTS:
+            if e.name == rundir.CHECKPOINTS or not e.is_dir():
                 continue
+            real = os.path.realpath(e.path)
+            if real in seen:
+                continue
+            seen.add(real)
             p = Path(e.path)
             if rundir.is_run_dir(p):
                 found.append(p)
@@ -195,7 +204,24 @@ def collect_runs(path: str | Path) -> pd.DataFrame:
             f"{path}: no run directories found (expected a sweep dir, its runs/ dir or a run "
             "dir holding spec.json)"
         )
-    return finalize(pd.DataFrame(rows, columns=COLUMNS))
+    return dedupe_runs(finalize(pd.DataFrame(rows, columns=COLUMNS)))
+
+
+def dedupe_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run_id among our runs (released rows are left alone).
+
+    Two sweeps that share a run see one run directory (the store), which iter_run_dirs already
+    yields once; two *copies* of one run_id (sweep dirs made before the store each trained their
+    own) are one run too: same spec, so the same point. The kept row is the most usable one: a
+    finished run over an unfinished one, a used row over an excluded one, then the first path."""
+    ours = df["source"] == "runs"
+    if not ours.any() or not df.loc[ours, "run_id"].duplicated().any():
+        return df
+    finished = df["status"].isin(["done", "diverged"])
+    rank = (~finished).astype(int) * 2 + df["excluded_reason"].notna().astype(int)
+    order = rank.sort_values(kind="stable").index
+    keep = ~df.loc[order].duplicated("run_id") | ~ours.loc[order]
+    return df.loc[order[keep.to_numpy()]].sort_index().reset_index(drop=True)
 
 
 def _log_interval(steps: list[int], default: int) -> int:
@@ -299,8 +325,14 @@ def used(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["excluded_reason"].isna()]
 
 
-def load(path: str | Path) -> pd.DataFrame:
-    """A released CSV or a directory of run directories, whichever `path` is."""
+def load(path: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """A released CSV or a directory of run directories, whichever `path` is; several paths
+    (sweep dirs sharing runs, a store) are one table, one row per run_id (dedupe_runs)."""
+    if not isinstance(path, str | Path):
+        parts = [load(p) for p in path]
+        if not parts:
+            raise ValueError("no source given")
+        return dedupe_runs(pd.concat(parts, ignore_index=True))
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{path}: no such file or directory")

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,10 +115,13 @@ def not_identifiable(cells: list[cells_mod.Cell], n_col: str) -> str | None:
     return None
 
 
-def analyse(source: str | Path, settings: Settings = Settings()) -> Analysis:
-    """Collect, split into cells, fit, compare every law both ways, leave-one-cell-out."""
+def analyse(source: str | Path | Sequence[str | Path], settings: Settings = Settings()) -> Analysis:
+    """Collect, split into cells, fit, compare every law both ways, leave-one-cell-out.
+    Several sources (sweep dirs sharing runs) are one table, each run_id counted once."""
     settings.check()
     runs = collect.load(source)
+    if not isinstance(source, str | Path):
+        source = " + ".join(str(s) for s in source)
     key = collect.cell_key(runs)
     cells, skipped = cells_mod.split_cells(runs, key, settings.min_runs)
     cell_table = pd.DataFrame([cells_mod.summary(c, settings.threshold) for c in cells])
@@ -456,7 +460,7 @@ def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def run(source: str | Path, out: str | Path, settings: Settings = Settings(),
+def run(source: str | Path | Sequence[str | Path], out: str | Path, settings: Settings = Settings(),
         figures: bool = True, quiet: bool = False, valley: bool = False,
         wandb_project: str | None = None) -> dict:  # fmt: skip
     """The report; with `wandb_project`, also one job_type=analysis wandb run (wandb_report)."""

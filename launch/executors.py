@@ -13,6 +13,13 @@
 
 Every submission is recorded in `runs/<run_id>/launch.json` (attempts: executor, job id, log
 paths, end state) so that launch/status.py can tell queued, running, failed and preempted runs.
+
+Run dirs may be shared with other sweeps (the run store, `runs_root`). Every launcher therefore
+re-reads a run's state under the store's claim lock (rundir.store_claim) right before it hands
+the run over and records the attempt under that same lock: a run another sweep has queued,
+started or finished since this sweep chose it is skipped (`Submitted.skipped`), not trained
+twice. SLURM holds the claim for its whole sbatch phase (seconds); local and debug take it per
+run, just around starting it, never for the life of a blocking sweep.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 
 import submitit
 
+from launch import status
 from launch.resources import ResourceClass, ResourceModel, resource_class
 from launch.status import process_start_time
 from steplaw_train import rundir
@@ -154,9 +162,19 @@ _RENDEZVOUS_VARS = (
 # ---- records -----------------------------------------------------------------------------------
 
 
-def record_attempt(run_dir: Path, attempt: Mapping[str, Any], update_last: bool = False) -> None:
+def record_attempt(
+    run_dir: Path,
+    attempt: Mapping[str, Any],
+    update_last: bool = False,
+    job_id: str | None = None,
+) -> None:
+    """Append an attempt, or (update_last) update the last one, or the last one of `job_id`
+    (a shared run dir may hold another sweep's later attempt: never overwrite theirs)."""
     tries = rundir.read_attempts(run_dir)
-    if update_last and tries:
+    mine = [i for i, a in enumerate(tries) if job_id is not None and a.get("job_id") == job_id]
+    if update_last and mine:
+        tries[mine[-1]] = {**tries[mine[-1]], **attempt}
+    elif update_last and tries and job_id is None:
         tries[-1] = {**tries[-1], **attempt}
     else:
         tries.append({"time": time.time(), **attempt})
@@ -330,6 +348,10 @@ class Submitted:
     job_ids: tuple[str, ...]  # one per run (array task ids on SLURM)
     batch_calls: int  # sbatch calls (job arrays) made; 0 for local/debug
     failed: tuple[str, ...] = ()  # run_ids whose local/debug run raised
+    run_ids: tuple[str, ...] = ()  # what was handed over (the specs minus `skipped`)
+    # (run_id, state): runs another sweep queued, started or finished, or this sweep
+    # cancelled, after they were chosen; found under the store's claim lock, not submitted
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -347,9 +369,32 @@ class Launcher:
     options: RunOptions
     resources: ResourceModel
     blocking: bool = True
+    runs_root: Path | None = None  # the run store; None: the sweep's own runs/
 
     def plan(self, specs: Sequence[RunSpec]) -> int:
         return 0
+
+    def claim(self):
+        """The store's claim lock (see the module docstring)."""
+        return rundir.store_claim(self.runs_root or self.sweep_dir / rundir.RUNS)
+
+    def recheck(self, specs: Sequence[RunSpec], out) -> tuple[list[RunSpec], list[tuple[str, str]]]:
+        """The specs still submittable now (call under `claim()`), and the others' states."""
+        states = status.sweep_states(self.sweep_dir, [s.run_id for s in specs], self.runs_root)
+        keep, skipped = [], []
+        for spec, st in zip(specs, states, strict=True):
+            if st.state in status.SUBMITTABLE:
+                keep.append(spec)
+                continue
+            skipped.append((spec.run_id, st.state))
+            where = "cancelled in this sweep" if st.state == "cancelled" else "elsewhere"
+            print(
+                f"{spec.run_id} {_describe(spec)}: skipped, {st.state} {where} "
+                f"({st.detail or st.job_id})",
+                file=out,
+                flush=True,
+            )
+        return keep, skipped
 
     def submit(self, specs: Iterable[RunSpec], out=sys.stderr) -> Submitted:
         specs = list(specs)
@@ -375,6 +420,12 @@ class SlurmLauncher(Launcher):
         return plan_arrays(specs, self.resources, int(max_array), self.options.micro_batch_size)
 
     def _submit(self, specs: list[RunSpec], out) -> Submitted:
+        with self.claim():
+            specs, skipped = self.recheck(specs, out)
+            sub = self._submit_arrays(specs) if specs else Submitted(job_ids=(), batch_calls=0)
+        return replace(sub, run_ids=tuple(s.run_id for s in specs), skipped=tuple(skipped))
+
+    def _submit_arrays(self, specs: list[RunSpec]) -> Submitted:
         lc = asdict(self.settings)
         by_id = {s.run_id: s for s in specs}
         job_ids: list[str] = []
@@ -425,7 +476,9 @@ def _finish(run_dir: Path, job: submitit.Job) -> str | None:
     """
     err = job.exception()
     if err is None:
-        record_attempt(run_dir, {"state": "done", "ended": time.time()}, update_last=True)
+        record_attempt(
+            run_dir, {"state": "done", "ended": time.time()}, update_last=True, job_id=job.job_id
+        )
         return None
     text = f"{type(err).__name__}: {err}"
     preempted = isinstance(err, submitit.core.utils.UncompletedJobError) and not isinstance(
@@ -441,6 +494,7 @@ def _finish(run_dir: Path, job: submitit.Job) -> str | None:
             "ended": time.time(),
         },
         update_last=True,
+        job_id=job.job_id,
     )
     return summary
 
@@ -565,28 +619,36 @@ class LocalLauncher(Launcher):
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads_per_run))
         todo = deque(specs)
         running: dict[submitit.Job, tuple[RunSpec, int | None]] = {}
-        job_ids, failed = [], []
+        job_ids, failed, started, skipped = [], [], [], []
         start, n_done = time.time(), 0
         while todo or running:
             while todo and len(running) < parallelism:
                 spec = todo.popleft()
                 busy = {g for _, g in running.values()}
                 gpu = next(g for g in gpu_ids if g not in busy) if per_run else None
-                ex = submitit.LocalExecutor(folder=self.sweep_dir / "logs")
-                ex.update_parameters(**local_job_parameters(int(cfg.timeout_min), gpu))
-                job = ex.submit(RunJob(), spec, str(self.run_dir(spec)), options)
-                record_attempt(
-                    self.run_dir(spec),
-                    {
-                        "executor": "local",
-                        "job_id": job.job_id,
-                        "pid": int(job.job_id),
-                        "pid_start": process_start_time(int(job.job_id)),
-                        "gpu": gpu,
-                        "stdout": str(job.paths.stdout),
-                        "stderr": str(job.paths.stderr),
-                    },
-                )
+                with self.claim():  # only around starting this one run
+                    keep, gone = self.recheck([spec], out)
+                    if not keep:
+                        skipped += gone
+                        n_done += 1
+                        continue
+                    ex = submitit.LocalExecutor(folder=self.sweep_dir / "logs")
+                    ex.update_parameters(**local_job_parameters(int(cfg.timeout_min), gpu))
+                    job = ex.submit(RunJob(), spec, str(self.run_dir(spec)), options)
+                    record_attempt(
+                        self.run_dir(spec),
+                        {
+                            "executor": "local",
+                            "job_id": job.job_id,
+                            "pid": int(job.job_id),
+                            "pid_start": process_start_time(int(job.job_id)),
+                            "host": status.this_host(),
+                            "gpu": gpu,
+                            "stdout": str(job.paths.stdout),
+                            "stderr": str(job.paths.stderr),
+                        },
+                    )
+                started.append(spec.run_id)
                 job_ids.append(job.job_id)
                 running[job] = (spec, gpu)
             time.sleep(0.2)
@@ -594,18 +656,30 @@ class LocalLauncher(Launcher):
                 spec, _ = running.pop(job)
                 err = _finish(self.run_dir(spec), job)
                 n_done += 1
-                if err:
+                cancelled = bool(err) and spec.run_id in rundir.read_cancelled(self.sweep_dir)
+                if err and not cancelled:
                     failed.append(spec.run_id)
                 elapsed = time.time() - start
                 eta = elapsed / n_done * (len(specs) - n_done)
                 word = f"FAILED {err[:300]}" if err else "done"
+                word = (
+                    "cancelled (resumes from its checkpoints after `cancel --undo`)"
+                    if cancelled
+                    else word
+                )
                 print(
                     f"[{n_done}/{len(specs)}] {spec.run_id} {_describe(spec)}: {word} "
                     f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)",
                     file=out,
                     flush=True,
                 )
-        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
+        return Submitted(
+            job_ids=tuple(job_ids),
+            batch_calls=0,
+            failed=tuple(failed),
+            run_ids=tuple(started),
+            skipped=tuple(skipped),
+        )
 
 
 class DebugLauncher(Launcher):
@@ -613,21 +687,29 @@ class DebugLauncher(Launcher):
 
     def _submit(self, specs: list[RunSpec], out) -> Submitted:
         ex = submitit.DebugExecutor(folder=self.sweep_dir / "logs")
-        job_ids, failed = [], []
+        job_ids, failed, started, skipped = [], [], [], []
         for i, spec in enumerate(specs, 1):
             run_dir = self.run_dir(spec)
-            job = ex.submit(RunJob(), spec, str(run_dir), self.options)
-            record_attempt(
-                run_dir,
-                {
-                    "executor": "debug",
-                    "job_id": job.job_id,
-                    "pid": os.getpid(),
-                    "pid_start": process_start_time(os.getpid()),
-                    "stdout": str(job.paths.stdout),
-                    "stderr": str(job.paths.stderr),
-                },
-            )
+            with self.claim():
+                keep, gone = self.recheck([spec], out)
+                if not keep:
+                    skipped += gone
+                    continue
+                # the debug job runs when its result is asked for (_finish), after the claim
+                job = ex.submit(RunJob(), spec, str(run_dir), self.options)
+                record_attempt(
+                    run_dir,
+                    {
+                        "executor": "debug",
+                        "job_id": job.job_id,
+                        "pid": os.getpid(),
+                        "pid_start": process_start_time(os.getpid()),
+                        "host": status.this_host(),
+                        "stdout": str(job.paths.stdout),
+                        "stderr": str(job.paths.stderr),
+                    },
+                )
+            started.append(spec.run_id)
             job_ids.append(job.job_id)
             if self.settings.pdb:
                 job.result()  # submitit's DebugJob drops into pdb on failure
@@ -643,7 +725,13 @@ class DebugLauncher(Launcher):
                 file=out,
                 flush=True,
             )
-        return Submitted(job_ids=tuple(job_ids), batch_calls=0, failed=tuple(failed))
+        return Submitted(
+            job_ids=tuple(job_ids),
+            batch_calls=0,
+            failed=tuple(failed),
+            run_ids=tuple(started),
+            skipped=tuple(skipped),
+        )
 
 
 LAUNCHER_CLASSES: dict[str, type[Launcher]] = {
@@ -658,8 +746,10 @@ def build_launcher(
     sweep_dir: Path,
     options: RunOptions,
     resources: ResourceModel,
+    runs_root: Path | None = None,
 ) -> Launcher:
-    """The launcher the `launcher:` section asks for (auto resolved), validated."""
+    """The launcher the `launcher:` section asks for (auto resolved), validated. `runs_root`:
+    the run store whose claim lock guards submissions (None: the sweep's own runs/)."""
     name, settings = launcher_settings(section)
     cls = LAUNCHER_CLASSES[name]
     if name == "slurm":  # never ask for more time than the partition / QOS allows
@@ -667,7 +757,13 @@ def build_launcher(
 
         resources = slurm_info.with_cluster_limits(resources, asdict(settings))
     return cls(
-        name, settings, Path(sweep_dir), options, resources, blocking=cls is not SlurmLauncher
+        name,
+        settings,
+        Path(sweep_dir),
+        options,
+        resources,
+        blocking=cls is not SlurmLauncher,
+        runs_root=Path(runs_root) if runs_root is not None else None,
     )
 
 

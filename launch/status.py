@@ -1,9 +1,12 @@
 """What each run of a sweep is, from its run directory and its recorded job ids.
 
 States: done / diverged (result.json), queued / running (a recorded job SLURM or this machine still
-has), preempted (its job ended without a result but can resume: SLURM preempted, timed out or
-cancelled it, or the local process died), failed (its job ended with an error), pending (never
-submitted). `runs/<run_id>/launch.json` is written by launch/executors.py, `submissions.jsonl`
+has, or a live trainer holding the run dir's lock: another sweep's process on another host, a
+hand-started run), preempted (its job ended without a result but can resume: SLURM preempted,
+timed out or cancelled it, or the local process died), failed (its job ended with an error),
+cancelled (this sweep's `cancel` recorded it and no job of it is alive; resumable with
+`cancel --undo`), pending (never submitted). A run dir may be shared by several sweeps (the run
+store): its launch.json holds every sweep's attempts, so each sees the others' jobs. `runs/<run_id>/launch.json` is written by launch/executors.py, `submissions.jsonl`
 by the sweep driver; this module only reads them (through steplaw_train/rundir.py) and asks SLURM
 (`sacct`, `squeue`) in one call. A damaged result.json is "failed" with the problem as detail.
 """
@@ -12,17 +15,20 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from steplaw_train import rundir
 from steplaw_train.shield import STOPPED_ON_SIGNAL
 
-STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending")
+STATES = ("done", "diverged", "failed", "preempted", "running", "queued", "pending", "cancelled")
+# what a sweep may (re)submit, before its retry rules (sweep/common.py select)
+SUBMITTABLE = ("pending", "preempted", "failed")
 SLURM_ACTIVE = {
     "PENDING": "queued",
     "REQUEUED": "queued",
@@ -127,8 +133,26 @@ def _pid_alive(pid: int | None, started: float | None = None) -> bool:
     return started is None or abs(now_started - float(started)) < 1.0
 
 
+def this_host() -> str:
+    return socket.gethostname()
+
+
 # ---- one run -----------------------------------------------------------------------------------
 def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) -> RunStatus:
+    """The run's state from its records; a run that looks idle but whose lock a live trainer
+    holds is "running" (trained elsewhere), so no sweep submits it a second time."""
+    st = _recorded_state(run_dir, slurm, now)
+    if st.state in SUBMITTABLE:
+        pid = rundir.training_pid(run_dir)
+        if pid is not None:
+            who = f"pid {pid}" if pid else "a process"
+            return RunStatus(
+                st.run_id, "running", st.attempts, st.job_id, f"trained elsewhere ({who})", st.log
+            )
+    return st
+
+
+def _recorded_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) -> RunStatus:
     rid = run_dir.name
     tries = attempts(run_dir)
     last = tries[-1] if tries else {}
@@ -154,7 +178,9 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
         return RunStatus(rid, "preempted" if resumable else "failed", len(tries), job, s, log)
     ended = last.get("state")
     if ended is None:  # local/debug attempt with no recorded end: alive or killed
-        alive = _pid_alive(last.get("pid"), last.get("pid_start"))
+        # a pid means something only on its own host; elsewhere the run dir's lock decides
+        here = last.get("host") in (None, this_host())
+        alive = here and _pid_alive(last.get("pid"), last.get("pid_start"))
         return RunStatus(rid, "running" if alive else "preempted", len(tries), job, "", log)
     return RunStatus(
         rid,
@@ -166,22 +192,37 @@ def run_state(run_dir: Path, slurm: dict[str, str], now: float | None = None) ->
     )
 
 
-def sweep_states(sweep_dir: Path, run_ids: Iterable[str]) -> list[RunStatus]:
-    """States of the given runs; one sacct + one squeue call for the whole sweep."""
+def sweep_states(
+    sweep_dir: Path, run_ids: Iterable[str], runs_root: Path | None = None
+) -> list[RunStatus]:
+    """States of the given runs; one sacct + one squeue call for the whole sweep.
+
+    A run the sweep dir does not reference yet is looked up in the run store `runs_root` (a run
+    another sweep finished or queued is not pending here either)."""
     # one listing instead of three failed opens per run that was never recorded (a fresh grid
     # of 42,000 runs): those are pending
     runs = Path(sweep_dir) / rundir.RUNS
-    present = set(os.listdir(runs)) if runs.is_dir() else set()
+    where = {r: runs / r for r in (os.listdir(runs) if runs.is_dir() else ())}
+    store = Path(runs_root) if runs_root is not None else None
+    if store is not None and store.is_dir() and store != runs:
+        where = {**{r: store / r for r in os.listdir(store)}, **where}
     ids = list(run_ids)
-    tries = {r: attempts(rundir.run_dir(sweep_dir, r)) for r in ids if r in present}
+    tries = {r: attempts(where[r]) for r in ids if r in where}
     jobs = [t[-1]["job_id"] for t in tries.values() if t and t[-1].get("executor") == "slurm"]
     slurm = slurm_states(jobs)
-    return [
-        run_state(rundir.run_dir(sweep_dir, r), slurm)
-        if r in present
-        else RunStatus(r, "pending", 0, None)
-        for r in ids
+    cancelled = rundir.read_cancelled(sweep_dir)
+    out = [
+        run_state(where[r], slurm) if r in where else RunStatus(r, "pending", 0, None) for r in ids
     ]
+    return [with_cancel(s, cancelled) for s in out]
+
+
+def with_cancel(st: RunStatus, cancelled: Mapping[str, object]) -> RunStatus:
+    """A run this sweep cancelled is "cancelled" once nothing runs it (a job still stopping
+    shows as queued/running; a run that finished anyway is done)."""
+    if st.run_id in cancelled and st.state in SUBMITTABLE:
+        return RunStatus(st.run_id, "cancelled", st.attempts, st.job_id, "cancelled", st.log)
+    return st
 
 
 def stopped_on_signal(log: Path | None) -> bool:

@@ -79,6 +79,41 @@ def file_lock(
         os.close(fd)
 
 
+def held_by_other(path: Path) -> bool:
+    """Does a live process hold the exclusive lock on `path`? (False when there is no file.)
+
+    A probe for readers (status): it asks for a *shared* lock without waiting and drops it at
+    once, so it never blocks a holder; a trainer whose own non-blocking attempt lands in those
+    microseconds retries (rundir.owned waits up to a second) instead of failing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            # EAGAIN/EACCES: busy; anything else (no flock here): cannot tell, so the recorded
+            # attempts decide
+            return e.errno in (errno.EAGAIN, errno.EACCES)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def holder_pid(path: Path) -> int | None:
+    """The pid the holder wrote into the lock file (None if none or unreadable)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _busy_message(path: Path, what: str) -> str:
     try:
         holder = path.read_text().strip()

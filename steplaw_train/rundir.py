@@ -24,8 +24,10 @@ checkpoints belong to another run_id, or whose checkpoints were written in anoth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -50,7 +52,12 @@ RUNS = "runs"
 MANIFEST = "manifest.json"
 SUBMISSIONS = "submissions.jsonl"
 SWEEP_LOCK = ".sweep.lock"
+CANCELLED = "cancelled.json"
 MANIFEST_KEYS = ("grid", "run_ids")
+# the run store (<runs_root>): run dirs by run_id, shared by every sweep that references them
+STORE_CLAIM = ".claim.lock"
+STORE_SWEEPS = "sweeps.json"
+CLAIM_TIMEOUT_S = 600.0
 
 
 class CorruptRecord(ValueError):
@@ -435,9 +442,15 @@ def check_owner(run_dir: Path, spec: RunSpec, fmt: Mapping[str, Any] | None = No
 
 @contextmanager
 def owned(run_dir: Path) -> Iterator[None]:
-    """Exclusive use of a run dir for the trainer's life; released by the OS if it dies."""
+    """Exclusive use of a run dir for the trainer's life; released by the OS if it dies.
+
+    A busy lock is retried for up to a second before the refusal: status probes the lock
+    (`training_pid`) with a momentary shared lock, which must never make a starting trainer fail.
+    """
     try:
-        with locks.file_lock(Path(run_dir) / LOCK, blocking=False, what=f"run dir {run_dir}"):
+        with locks.file_lock(
+            Path(run_dir) / LOCK, blocking=True, timeout_s=1.0, what=f"run dir {run_dir}"
+        ):
             yield
     except locks.LockBusy as e:
         raise RunDirConflict(f"{e}; a second trainer on one run dir would corrupt it") from None
@@ -485,3 +498,148 @@ def sweep_owned(sweep_dir: Path) -> Iterator[None]:
             f"{e}; another sweep invocation is submitting to it — wait for it to end "
             f"(`python -m steplaw_train.sweep.status {sweep_dir}`) and rerun",
         ) from None
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The pid of a live trainer holding the run dir's lock (0 when it wrote none), else None.
+
+    This is how a sweep sees a run trained by someone it has no record of: another sweep's local
+    process on another host sharing the store, or a hand-started `python -m steplaw_train.train`.
+    """
+    path = Path(run_dir) / LOCK
+    if not locks.held_by_other(path):
+        return None
+    return locks.holder_pid(path) or 0
+
+
+# ---- cancellations (per sweep dir) -------------------------------------------------------------
+def read_cancelled(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """run_id → {time, ...} of the runs this sweep has cancelled (empty if none).
+
+    A damaged file is refused (SpecError), not ignored: ignoring it would resubmit every run the
+    user cancelled."""
+    path = Path(sweep_dir) / CANCELLED
+    try:
+        doc = read_json(path)
+    except CorruptRecord as e:
+        raise SpecError(
+            CANCELLED, f"{e}; fix or delete it (deleting un-cancels every run)"
+        ) from None
+    runs = (doc or {}).get("runs", {})
+    if not isinstance(runs, dict):
+        raise SpecError(CANCELLED, f"{path}: 'runs' is not an object")
+    return {str(k): dict(v) if isinstance(v, dict) else {} for k, v in runs.items()}
+
+
+def write_cancelled(sweep_dir: Path, runs: Mapping[str, Mapping[str, Any]]) -> None:
+    atomic.write_json(
+        Path(sweep_dir) / CANCELLED,
+        {"schema_version": SCHEMA_VERSION, "runs": {k: dict(v) for k, v in sorted(runs.items())}},
+    )
+
+
+# ---- the run store -----------------------------------------------------------------------------
+def uses_store(sweep_dir: Path, runs_root: Path) -> bool:
+    """False when the sweep's own runs/ is the store (`runs_root: <sweep_dir>/runs`)."""
+    return Path(runs_root).resolve() != (Path(sweep_dir) / RUNS).resolve()
+
+
+def link_run(sweep_dir: Path, runs_root: Path, run_id: str) -> Path:
+    """Make `<sweep_dir>/runs/<run_id>` reference `<runs_root>/<run_id>`; return that path.
+
+    * nothing there: the store's run dir is created if missing and the sweep gets a relative
+      symlink to it (every reader of `run_dir(sweep_dir, id)` follows it unchanged);
+    * a real directory there (a sweep made before the store, or one another store was chosen
+      for): it is used in place, never moved (a queued job may hold its path); the store, if it
+      has no such run, gets a symlink to it so that other sweeps find it;
+    * a symlink: kept while it resolves (a run dir wherever it lives is this sweep's run); a
+      dangling one is pointed at the store again.
+    """
+    local = run_dir(sweep_dir, run_id)
+    store = Path(runs_root) / run_id
+    if not uses_store(sweep_dir, runs_root):
+        return local
+    if local.is_symlink():
+        if local.exists():
+            return local
+        local.unlink()
+    elif local.exists():
+        if not store.exists():
+            _symlink(local, store)  # adopt the sweep's own copy into the store, in place
+        return local
+    if store.is_symlink() and not store.exists():
+        store.unlink()  # an adopted copy that was deleted since
+    store.mkdir(parents=True, exist_ok=True)
+    _symlink(store, local)
+    return local
+
+
+def _symlink(target: Path, link: Path) -> None:
+    """A relative symlink `link` → `target`, created atomically (a tmp name, then rename);
+    another process creating the same link first is fine (FileExistsError is not an error)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    try:
+        if link.is_symlink() or link.exists():
+            raise FileExistsError(link)
+        os.replace(tmp, link)
+    except FileExistsError:
+        tmp.unlink()
+
+
+@contextmanager
+def store_claim(runs_root: Path, timeout_s: float = CLAIM_TIMEOUT_S) -> Iterator[None]:
+    """The store's claim lock, held only around "read a run's state → submit → record the
+    attempt" (seconds; never for a blocking local sweep's life): two sweeps sharing runs cannot
+    both submit the same pending run. Waits for the holder (another sweep's submission)."""
+    path = Path(runs_root) / STORE_CLAIM
+    try:
+        with locks.file_lock(
+            path, blocking=True, timeout_s=timeout_s, what=f"run store {runs_root}"
+        ):
+            yield
+    except locks.LockBusy as e:
+        raise SpecError(
+            "runs_root", f"{e}; another sweep has been submitting for {timeout_s:.0f}s"
+        ) from None
+
+
+def register_sweep(runs_root: Path, sweep_dir: Path) -> None:
+    """Note in `<runs_root>/sweeps.json` that `sweep_dir` references runs here (relative paths,
+    so the tree can move): `cancel` asks it which other sweeps still want a run."""
+    runs_root = Path(runs_root)
+    rel = os.path.relpath(Path(sweep_dir).resolve(), runs_root.resolve())
+    with store_claim(runs_root):
+        have = [str(p) for p in (read_json(runs_root / STORE_SWEEPS) or {}).get("sweeps", [])]
+        if rel not in have:
+            atomic.write_json(
+                runs_root / STORE_SWEEPS,
+                {"schema_version": SCHEMA_VERSION, "sweeps": sorted([*have, rel])},
+            )
+
+
+def store_sweeps(runs_root: Path) -> list[Path]:
+    """The sweep dirs registered with the store that still exist (absolute)."""
+    runs_root = Path(runs_root)
+    try:
+        doc = read_json(runs_root / STORE_SWEEPS) or {}
+    except CorruptRecord as e:
+        _warn_once(e.path, f"{e.problem}; no other sweep is known to share these runs")
+        return []
+    out = []
+    for rel in doc.get("sweeps", []):
+        p = (runs_root / str(rel)).resolve()
+        if (p / MANIFEST).is_file():
+            out.append(p)
+    return out
+
+
+def manifest_runs_root(sweep_dir: Path, manifest: Mapping[str, Any] | None) -> Path:
+    """The store a sweep's runs live in, as its manifest records it (relative to the sweep dir);
+    a sweep made before the store has its own runs/."""
+    rel = (manifest or {}).get("runs_root")
+    return (Path(sweep_dir) / str(rel)).resolve() if rel else Path(sweep_dir) / RUNS

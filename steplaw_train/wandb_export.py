@@ -188,9 +188,18 @@ def fingerprint(run_dir: Path) -> str:
 
 
 def find_run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run dir, else every run dir below it (sweep/runs/<id>/)."""
+    """`path` itself if it is a run dir, else every run dir below it (sweep/runs/<id>/).
+
+    Links are followed (a sweep's runs/<id> links into the run store); each real directory is
+    taken once, so a tree holding sweeps and their store exports a shared run once."""
     found = []
-    for root, dirs, files in os.walk(path):
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         if rundir.SPEC in files:
             found.append(Path(root))
             dirs.clear()  # a run dir's checkpoints/ and wandb/ hold no other runs

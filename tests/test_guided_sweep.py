@@ -172,7 +172,7 @@ def test_guided_driver_runs_rounds_resumes_and_refuses_other_grids(tmp_path, dat
     # crash before the last round's run ended: state lost, its run dir gone → rerun redoes just it
     last = res.submitted[-1]
     (sw / guided.STATE_FILE).unlink()
-    shutil.rmtree(sw / "runs" / last)
+    shutil.rmtree((sw / "runs" / last).resolve())  # the run dir in the store; its link dangles
     redo = sweep(cfg_for(sw, data_root, GRID2x4, "search=guided"), out=io.StringIO())
     assert redo.submitted == (last,) and saved_state(sw)[0].to_json() == state.to_json()
 

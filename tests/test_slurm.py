@@ -71,6 +71,10 @@ def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
     # must not carry it (the launcher section's keys are checked)
     other = any(o.startswith("launcher=") and o != "launcher=slurm" for o in overrides)
     slurm_only = [] if other else ["++launcher.signal_delay_s=30"]
+    # each sweep keeps its own runs (no store): these tests compare a run with a reference
+    # training of the same spec in another sweep dir, which a shared store would skip
+    if not any(o.startswith("runs_root=") for o in overrides):
+        slurm_only.append(f"runs_root={sweep_dir}/runs")
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(
             "sweep",
@@ -274,3 +278,76 @@ def test_partition_preemption_requeues_and_the_run_resumes_bitwise(env):
     ]
     ours = json.loads((run_dir / "result.json").read_text())
     assert ours["smooth_loss"] == json.loads((ref_dir / "result.json").read_text())["smooth_loss"]
+
+
+def test_two_sweeps_sharing_a_run_submit_it_once(env):
+    """The run store on SLURM: the second sweep sees the first one's queued job in the shared run
+    dir and does not submit the shared run; both see it finish."""
+    store = env / "store"
+    grid_b = GRID6.replace("0.002,0.003,0.004", "0.004,0.005").replace("2,4", "4")
+    grid_a = GRID6.replace("0.002,0.003,0.004", "0.004").replace("2,4", "4")
+    a = sweep(cfg_for(env / "sh_a", env / "data", grid_a, f"runs_root={store}", "grid.name=a"))
+    b = sweep(cfg_for(env / "sh_b", env / "data", grid_b, f"runs_root={store}", "grid.name=b"))
+    (shared,) = a.submitted
+    assert shared not in b.submitted and len(b.submitted) == 1
+    assert wait_finished(env / "sh_b", [shared, *b.submitted]) == dict.fromkeys(
+        [shared, *b.submitted], "done"
+    )
+    assert len(json.loads((store / shared / "launch.json").read_text())["attempts"]) == 1
+    assert (env / "sh_a" / "runs" / shared).resolve() == (env / "sh_b" / "runs" / shared).resolve()
+
+
+def test_cancel_scancels_running_and_queued_array_tasks_and_undo_resumes(env):
+    """`cancel --all` on a 2-task array throttled to 1 at a time: the running task is scancelled
+    after a checkpoint (the trainer checkpoints on SIGTERM), the queued one never starts; both
+    show cancelled and a rerun submits nothing; after `--undo` a rerun resumes them."""
+    grid = "grid.blocks=[{model:[demo_dense_small],tokens:[49152],lr:[0.003,0.004],batch_size:[4]}]"
+    sw = env / "swcancel"
+    over = ("options.checkpoint_interval=8",)
+    res = sweep(cfg_for(sw, env / "data", grid, *over, "launcher.array_parallelism=1"))
+    assert len(res.submitted) == 2 and res.batch_calls == 1
+    deadline = time.time() + 90
+    while not list(sw.glob("runs/*/checkpoints/*/complete")):
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.5)
+    (first,) = {p.parts[-4] for p in sw.glob("runs/*/checkpoints/*/complete")}
+    p = subprocess.run(
+        [sys.executable, "-m", "steplaw_train.sweep.cancel", str(sw), "--all"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("scancel") == 2, p.stdout
+    deadline = time.time() + 60
+    while {s.state for s in sweep_states(sw, res.submitted)} != {"cancelled"}:
+        assert time.time() < deadline, [
+            (s.run_id, s.state) for s in sweep_states(sw, res.submitted)
+        ]
+        time.sleep(1)
+    assert not (sw / "runs" / first / "result.json").exists()
+    from steplaw_train import checkpoint as ckpt
+
+    step = ckpt.latest_step(sw / "runs" / first)
+    lines = (sw / "runs" / first / "metrics.jsonl").read_text().splitlines(keepends=True)
+    kept = [x for x in lines if json.loads(x)["step"] <= step]
+    (other,) = set(res.submitted) - {first}
+    assert not (sw / "runs" / other / "metrics.jsonl").exists()  # the queued task never ran
+    assert sweep(cfg_for(sw, env / "data", grid, *over)).submitted == ()
+    assert status_cli.summary(sw)[0]["cancelled"] == 2
+
+    subprocess.run(
+        [sys.executable, "-m", "steplaw_train.sweep.cancel", str(sw), "--all", "--undo"],
+        check=True,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    again = sweep(cfg_for(sw, env / "data", grid, *over))
+    assert sorted(again.submitted) == sorted(res.submitted)
+    assert set(wait_finished(sw, res.submitted, timeout_s=120).values()) == {"done"}
+    resumed = (sw / "runs" / first / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert resumed[: len(kept)] == kept  # resumed from its checkpoint, not restarted
+    steps = [json.loads(x)["step"] for x in resumed]
+    assert steps == sorted(set(steps))

@@ -7,10 +7,17 @@ runs. Which runs go out (`select`):
   failed                        while the run has had <= max_retries attempts
   failed                        always with retry_failed=true
   done / diverged / queued / running   never
+  cancelled                     never (`python -m steplaw_train.sweep.cancel --undo` brings it back)
+
+Runs live in the run store (`runs_root`, default `<sweep_dir>/../runs`: beside the sweep dirs), one
+directory per run_id; the sweep dir references each as a relative symlink `runs/<run_id>`. A run
+another sweep finished, queued or is training is therefore seen as such here and not trained
+again (the launcher re-checks under the store's claim lock right before submitting).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,6 +63,7 @@ class Setup:
     max_retries: int
     dry_run: bool
     model_shapes: int = 0  # distinct models whose megatron config was built (check_models)
+    runs_root: Path | None = None  # the run store (None: the sweep's own runs/)
 
 
 def plain(section: Any) -> dict[str, Any]:
@@ -138,6 +146,31 @@ def check_sweep_fields(cfg: Any) -> None:
             raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
     if not str(cfg.get("sweep_dir") or "").strip():
         raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
+    if not str(cfg.get("runs_root") or "").strip():
+        raise SpecError(
+            "runs_root", "must be a directory path (default: ${sweep_dir}/../runs, the run store)"
+        )
+
+
+def check_runs_root(sweep_dir: Path, runs_root: Path) -> None:
+    """The store and the sweep dir must not contain one another, except the sweep's own runs/
+    (`runs_root=<sweep_dir>/runs`: no sharing, the layout before the store). A grid named like
+    the store (`runs`) would otherwise make its sweep dir the store itself."""
+    own = sweep_dir / rundir.RUNS
+    if runs_root == own:
+        return
+    if runs_root == sweep_dir or sweep_dir.is_relative_to(runs_root):
+        raise SpecError(
+            "sweep_dir",
+            f"{sweep_dir} is inside the run store {runs_root}; give the sweep another sweep_dir "
+            "(or grid name), or set runs_root",
+        )
+    if runs_root.is_relative_to(sweep_dir):
+        raise SpecError(
+            "runs_root",
+            f"{runs_root} is inside the sweep dir {sweep_dir}; allowed: outside it, or exactly "
+            f"{own} (this sweep's own runs, shared with no other sweep)",
+        )
 
 
 def check_sweep_dir_grid(sweep_dir: Path, grid_name: str) -> None:
@@ -163,8 +196,12 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     options = replace(options, wandb_group=options.wandb_group or grid_name)
     resources = resource_model(cfg.get("resources"))
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()
+    runs_root = Path(str(cfg.runs_root)).expanduser().resolve()
+    check_runs_root(sweep_dir, runs_root)
     check_sweep_dir_grid(sweep_dir, grid_name)
-    launcher = executors.build_launcher(plain(cfg.get("launcher")), sweep_dir, options, resources)
+    launcher = executors.build_launcher(
+        plain(cfg.get("launcher")), sweep_dir, options, resources, runs_root=runs_root
+    )
     resources = launcher.resources  # capped at the cluster's time limit (SLURM)
     shapes = check_models(specs)
     return Setup(
@@ -177,6 +214,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
         max_retries=int(cfg.get("max_retries", 1)),
         dry_run=bool(cfg.get("dry_run", False)),
         model_shapes=shapes,
+        runs_root=runs_root,
     )
 
 
@@ -257,11 +295,21 @@ def table(
         f"({batch_calls} sbatch calls); {unit} total {total:.4g}, to submit {todo_h:.4g} "
         f"(MFU {rm.mfu}, {rm.peak_tflops} TFLOP/s peak)"
     )
+    cancelled = sum(state[s.run_id] == "cancelled" for s in specs)
+    if cancelled:
+        lines.append(
+            f"{cancelled} runs cancelled, not submitted (python -m steplaw_train.sweep.cancel "
+            "SWEEP_DIR --undo ... brings them back; they resume from their checkpoints)"
+        )
     return "\n".join(lines)
 
 
-def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
-    """The resolved config, the manifest and each new run's spec.json (kept if present)."""
+def record_sweep(
+    sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec], runs_root: Path | None = None
+) -> None:
+    """The resolved config, the manifest, each run's link into the store (rundir.link_run) and
+    each new run's spec.json (kept if present: the trainer's has more)."""
+    runs_root = Path(runs_root) if runs_root is not None else sweep_dir / rundir.RUNS
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(sweep_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     rundir.write_manifest(
@@ -270,10 +318,13 @@ def record_sweep(sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec]) -> None:
             "grid": cfg.grid.get("name"),
             "updated": time.time(),
             "run_ids": [s.run_id for s in specs],
+            "runs_root": os.path.relpath(runs_root, sweep_dir),
         },
     )
+    if rundir.uses_store(sweep_dir, runs_root):
+        rundir.register_sweep(runs_root, sweep_dir)
     for spec in specs:
-        path = rundir.run_dir(sweep_dir, spec.run_id)
+        path = rundir.link_run(sweep_dir, runs_root, spec.run_id)
         if not rundir.is_run_dir(path):
             rundir.write_spec(path, spec)
 

@@ -56,7 +56,7 @@ def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResul
 
 def _submit(cfg: Any, setup, out) -> SweepResult:
     specs, launcher = setup.specs, setup.launcher
-    statuses = status.sweep_states(setup.sweep_dir, [s.run_id for s in specs])
+    statuses = status.sweep_states(setup.sweep_dir, [s.run_id for s in specs], setup.runs_root)
     todo_ids = select(statuses, setup.retry_failed, setup.max_retries)
     todo_set = set(todo_ids)  # once: a set per spec made planning quadratic in the grid
     todo = [s for s in specs if s.run_id in todo_set]
@@ -79,17 +79,18 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
         write_dry_run_files(cfg, setup, statuses, todo, out)
         return result
     check_data(todo, setup.options)
-    record_sweep(setup.sweep_dir, cfg, specs)
+    record_sweep(setup.sweep_dir, cfg, specs, setup.runs_root)
     sub = launcher.submit(todo)
-    record_submission(setup, [s.run_id for s in todo], sub)
+    record_submission(setup, sub.run_ids, sub)
+    skipped = f", {len(sub.skipped)} skipped (taken elsewhere)" if sub.skipped else ""
     print(
-        f"submitted {len(todo)} runs ({sub.batch_calls} job arrays) to {launcher.name}; "
-        f"sweep dir {setup.sweep_dir}",
+        f"submitted {len(sub.run_ids)} runs ({sub.batch_calls} job arrays) to {launcher.name}"
+        f"{skipped}; sweep dir {setup.sweep_dir}",
         file=out,
     )
     return replace(
         result,
-        submitted=tuple(s.run_id for s in todo),
+        submitted=sub.run_ids,
         job_ids=sub.job_ids,
         batch_calls=sub.batch_calls,
         failed=sub.failed,

@@ -361,13 +361,16 @@ class Driver:
         self.rounds += 1
         save_state(self.setup.sweep_dir, self.state, self.pending, self.rounds)
         record_sweep(
-            self.setup.sweep_dir, self.cfg, _proposed_specs(self.state, self.pending, by_key)
+            self.setup.sweep_dir,
+            self.cfg,
+            _proposed_specs(self.state, self.pending, by_key),
+            self.setup.runs_root,
         )
 
     def resolve_pending(self) -> Resolution:
         ids = [r for p in self.pending for r in p.run_ids]
         sweep_dir = self.setup.sweep_dir
-        states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids)}
+        states = {s.run_id: s for s in status.sweep_states(sweep_dir, ids, self.setup.runs_root)}
         losses = {r: run_loss(rundir.run_dir(sweep_dir, r)) for r in ids}
         res = resolve(
             self.pending,
@@ -385,12 +388,13 @@ class Driver:
         by_id = {s.run_id: s for s in self.setup.specs}
         todo = [by_id[r] for r in run_ids]
         sub = self.setup.launcher.submit(todo)
-        self.submitted += run_ids
+        # runs taken elsewhere meanwhile are waited for like this round's own (resolve)
+        self.submitted += sub.run_ids
         self.job_ids += sub.job_ids
         self.calls += sub.batch_calls
-        record_submission(self.setup, run_ids, sub, search="guided", round=self.rounds)
+        record_submission(self.setup, sub.run_ids, sub, search="guided", round=self.rounds)
         print(
-            f"round {self.rounds}: submitted {len(todo)} runs to {self.setup.launcher.name}",
+            f"round {self.rounds}: submitted {len(sub.run_ids)} runs to {self.setup.launcher.name}",
             file=self.out,
         )
 
@@ -489,7 +493,7 @@ def _dry_run(state, pending, cells, setup: Setup, out) -> GuidedResult:
         ]
     ids = [r for p in pending for r in p.run_ids]
     nxt = [by_id[r] for r in ids]
-    statuses = status.sweep_states(setup.sweep_dir, ids)
+    statuses = status.sweep_states(setup.sweep_dir, ids, setup.runs_root)
     todo = set(select(statuses, False, 1))
     rows = summary(state, cells)
     text = render(rows)

@@ -1,13 +1,15 @@
 """`python -m steplaw_train.sweep.status SWEEP_DIR [--json]`: what each run of a sweep is.
 
 The table lists counts per state and, for failed runs, the tail of their job log. `--json` prints
-one object: the count per state (done, failed, diverged, preempted, queued, running, pending) and
-`submitted_last`, the number of runs the last sweep invocation submitted.
+one object: the count per state (done, failed, diverged, preempted, queued, running, pending,
+cancelled), `total`, `shared` (runs other sweeps of the same run store also list: trained once
+for all) and `submitted_last`, the number of runs the last sweep invocation submitted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,11 +23,24 @@ def summary(sweep_dir: Path) -> tuple[dict[str, Any], list[run_status.RunStatus]
     manifest = rundir.read_manifest(sweep_dir)  # CorruptRecord: main() reports it in one line
     if manifest is None:
         _fail(f"error: {sweep_dir} has no {rundir.MANIFEST} (not a sweep directory)")
-    statuses = run_status.sweep_states(sweep_dir, manifest["run_ids"])
+    runs_root = rundir.manifest_runs_root(sweep_dir, manifest)
+    statuses = run_status.sweep_states(sweep_dir, manifest["run_ids"], runs_root)
     out: dict[str, Any] = run_status.counts(statuses)
     out["total"] = len(statuses)
+    out["shared"] = _shared(sweep_dir, runs_root, manifest["run_ids"])
     out["submitted_last"] = _submitted_last(sweep_dir)
     return out, statuses
+
+
+def _shared(sweep_dir: Path, runs_root: Path, run_ids: list[str]) -> int:
+    """How many of this sweep's runs other sweeps of the same run store also list (each such
+    run is trained once, for all of them)."""
+    mine, theirs = set(run_ids), set()
+    for other in rundir.store_sweeps(runs_root):
+        if other != Path(sweep_dir).resolve():
+            with contextlib.suppress(rundir.CorruptRecord):
+                theirs |= set((rundir.read_manifest(other) or {}).get("run_ids", []))
+    return len(mine & theirs)
 
 
 def _submitted_last(sweep_dir: Path) -> int:
@@ -42,7 +57,7 @@ def render(
 ) -> str:
     lines = ["  ".join(f"{k}={v}" for k, v in counts.items())]
     for s in statuses:
-        if s.state in ("failed", "preempted", "running", "queued"):
+        if s.state in ("failed", "preempted", "running", "queued", "cancelled"):
             lines.append(
                 f"{s.run_id}  {s.state:<9} attempts={s.attempts} job={s.job_id} {s.detail}"
             )
