@@ -34,16 +34,9 @@ GRID_B = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.004,0.008],
 
 
 @pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def one_thread(monkeypatch):
+    """Offline wandb and the shared demo data root come from conftest.py."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
 
 
 def cfg_for(sweep_dir, data_root, grid, *overrides):
