@@ -114,6 +114,7 @@ def build_grid(df: pd.DataFrame, law_n: str = "N") -> list[CellGrid]:
             cost=float(g["_cost"].mean()),
             seq_len=int(seq),
             points=tuple((float(lr), float(bs)) for lr, bs in agg.index),
+            model=" ".join(f"{k}={first[k]}" for k in key if k != "D"),
         )
         grids.append(
             CellGrid(

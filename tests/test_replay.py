@@ -302,3 +302,15 @@ def test_cli_handles_diverged_runs_and_a_single_point_cell(tmp_path, capsys):
     assert len(doc["cells"]) == 16 and min(c["runs"] for c in doc["cells"]) == 1
     assert all(math.isfinite(c["loss"]) for c in doc["cells"])  # never chooses a diverged run
     assert doc["baselines"]["steplaw"]["max_gap_permille"] == "inf"  # the law's point diverged
+
+
+def test_equal_n_moe_shapes_are_separate_models(tmp_path):
+    """build_grid names each cell's model (everything in the cell key but D): the 89- and
+    88-expert shapes share total N and must still be two models, four cells each."""
+    grids = build_grid(read_table(str(_moe_csv(tmp_path, seed=4))))
+    by_model: dict[str, set[float]] = {}
+    for g in grids:
+        assert g.cell.model and "D=" not in g.cell.model
+        by_model.setdefault(g.cell.model, set()).add(g.cell.d)
+    assert len(by_model) == 4 and all(len(ds) == 4 for ds in by_model.values())
+    assert len({g.cell.n_law for g in grids}) == 3  # two shapes share N

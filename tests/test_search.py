@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from steplaw_train.search import (
     axis_neighbours,
     grid_neighbours,
     propose,
+    transfer,
 )
-from steplaw_train.search.transfer import NOISE_LEVELS, noise_log_weights
+from steplaw_train.search.transfer import NOISE_LEVELS, Outcome, noise_log_weights
 from steplaw_train.steplaw import PAPER
 
 LRS = [2.0 ** (-12 + 0.5 * i) for i in range(14)]
@@ -375,3 +377,28 @@ def test_neighbour_climb_is_steepest_descent_from_the_start():
     )
     assert len(order) <= 6
     assert state.best("demo")[1] == min(DEMO_LOSSES.values())
+
+
+def test_two_models_of_equal_n_law_get_their_own_offsets():
+    """The released 89- and 88-expert MoE shapes have the same total N: the law's per-model
+    offset must be learned per `Cell.model`, not per n_law, or one shape's optima (off the law
+    by its own offset) move the other's prior. With `model` empty, equal n_law is one model."""
+    n = 2.15e9
+
+    def shifts(model_a: str, model_b: str) -> tuple[float, float]:
+        a1, a2 = (replace(make_cell(k, n, d), model=model_a) for k, d in (("a1", 2e9), ("a2", 8e9)))
+        b1 = replace(make_cell("b1", n, 8e9), model=model_b)
+        lr, bs = steplaw_opt(n, 2e9)
+        z = (math.log(lr) + 1.0, math.log(bs * 2048))  # a1's optimum: one ln unit above the law
+        done = [(a1, Outcome("a1", z, (0.01, 0.01), z, None, None, None, 0))]
+        law = math.log(steplaw_opt(n, 8e9)[0])
+        return tuple(  # type: ignore[return-value]
+            transfer.law_prior("steplaw", c, done, (math.log(n), 22.0), 0.15, 0.3)[0][0] - law
+            for c in (a2, b1)
+        )
+
+    own, other = shifts("e89", "e88")
+    # the shift is shared through the law's intercept, but only model e89 gets its own offset
+    assert own > 0.5 and own - other > 0.2
+    own_blank, other_blank = shifts("", "")
+    assert other_blank == pytest.approx(own_blank) and own_blank == pytest.approx(own)

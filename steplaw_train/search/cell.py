@@ -15,6 +15,9 @@ class Cell:
     `n_law` is the N the law sees (N for dense; N or Na for MoE, the caller's choice); `cost` is
     proportional to the GPU-hours of one run (measured time, else FLOPs per token × D), the same
     for every point of the cell: it orders the cells (cheap first), it does not stop them.
+    `model` names the model the cell trains (its shape, experts, top-k, recipe: everything but
+    D): cells of one model share one offset from the law. Empty = the model is its `n_law`,
+    which merges two MoE shapes of equal total N (the released 89- and 88-expert ones).
     """
 
     key: str
@@ -23,6 +26,7 @@ class Cell:
     cost: float
     seq_len: int
     points: tuple[tuple[float, float], ...]
+    model: str = ""
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -35,6 +39,11 @@ class Cell:
                 raise ValueError(f"cell {self.key!r}: {name}: {v!r} (must be positive and finite)")
         if any(not (lr > 0 and bs > 0) for lr, bs in self.points):
             raise ValueError(f"cell {self.key!r}: points: every lr and bs must be positive")
+
+    @property
+    def model_id(self) -> str:
+        """The identity `transfer.law_prior` groups cells by: `model`, else `n_law`."""
+        return self.model or f"n_law={self.n_law!r}"
 
     def coords(self) -> np.ndarray:
         """(n, 2) array of (ln lr, ln bs_tokens)."""

@@ -84,10 +84,11 @@ def law_prior(
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """The law's prediction of the cell's optimum (ln lr, ln bs_tokens) and its sd.
 
-    Cells with the same `n_law` are one model at several D (the released grids are built so), and
-    a model's optima can sit off the law by one shared offset (another architecture family, a MoE
-    whose optima follow Na when the law sees N): a random effect per model, prior sd `model_sd`,
-    learned from that model's finished cells. A model nothing is known of gets the full `model_sd`.
+    Cells with the same `Cell.model_id` are one model at several D, and a model's optima can sit
+    off the law by one shared offset (another architecture family, a MoE whose optima follow Na
+    when the law sees N; two MoE shapes of equal N are two models): a random effect per model,
+    prior sd `model_sd`, learned from that model's finished cells. A model nothing is known of
+    gets the full `model_sd`.
     """
     cn, cd = centre
     if prior == "none" and not done:  # nothing known yet: the middle of the cell's grid, broad
@@ -95,11 +96,11 @@ def law_prior(
         lo, hi = z.min(axis=0), z.max(axis=0)
         sd = np.maximum((hi - lo) / 4, scatter)
         return tuple((lo + hi) / 2), tuple(sd)  # type: ignore[return-value]
-    models = sorted({c.n_law for c, _ in done} | {cell.n_law}) if model_sd > 0 else []
+    models = sorted({c.model_id for c, _ in done} | {cell.model_id}) if model_sd > 0 else []
 
     def feat(c: Cell) -> list[float]:
         f = [1.0, math.log(c.n_law) - cn, math.log(c.d) - cd]
-        return f + [1.0 if c.n_law == m else 0.0 for m in models]
+        return f + [1.0 if c.model_id == m else 0.0 for m in models]
 
     f_new = np.array(feat(cell))
     feats = np.array([feat(c) for c, _ in done]).reshape(len(done), len(f_new))

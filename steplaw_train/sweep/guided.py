@@ -158,6 +158,7 @@ def build_cells(specs: Sequence[RunSpec], law_n: str = "N") -> list[GridCell]:
             float(s0.Na) * s0.D * seeds,
             s0.train.seq_len,
             tuple((float(lr), float(bs)) for lr, bs in points),
+            model=f"{s0.model.name}|{s0.data.recipe}",  # one model at several D
         )
         out.append(GridCell(cell, runs))
     return out
