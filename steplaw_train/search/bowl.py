@@ -144,6 +144,8 @@ def improvement_odds(
     rng = np.random.default_rng(0)  # fixed: the same state always gives the same answer
     std = rng.standard_normal((SAMPLES, 6))
     for post, w in zip(posts, weights, strict=True):
+        if w < 1e-12:  # a ruled-out component (e.g. a noise level far from the runs'): skip
+            continue
         mu, sd = post.differences(z[cand], zb)
         p_each += w * norm.cdf((-margin - mu) / sd)
         f = features(z[cand] - post.origin) - features(zb[None, :] - post.origin)
