@@ -144,6 +144,7 @@ def moe_release(
     edge: bool = False,
     lr_points: int = 9,
     bs_points: int = 5,
+    flatten: float = 0.0,
 ) -> pd.DataFrame:
     """A MoE-release-format table: 16 cells (MOE_SHAPES × MOE_D), `lr_points` × `bs_points`
     grids (√2 apart in lr, ×2 in bs), less a `drop` fraction of points.
@@ -153,7 +154,10 @@ def moe_release(
     optimum; its bowl shape is drawn from `bowls`, its curvature scaled ×0.6–1.6. A cell's grid
     window is placed around its optimum at random (with `edge`, the optimum is one of the
     window's outer rows or columns). Losses get relative `noise`; `total_time` and
-    `average_iter_time` follow the FLOPs per token M with a small-batch inefficiency.
+    `average_iter_time` follow the FLOPs per token M with a small-batch inefficiency. With
+    `flatten` > 0 the bowl flattens with D: curvature × (D / 2B) ** −flatten (the released dense
+    cells' full-grid fits fall about as D^−0.2); the law's point stays `offset_permille` above
+    the optimum at the smallest D, so it sits closer (in loss) at larger D.
     """
     if follows not in ("N", "Na"):
         raise ValueError(f"follows: {follows!r} (allowed: N, Na)")
@@ -167,7 +171,9 @@ def moe_release(
         direction = np.array([math.cos(ang), math.sin(ang)])
         scale = math.sqrt(off / float(bowl_value(direction[None, :], kind, h)[0]))
         delta = direction * scale  # the law's point sits `off` above this family's optimum
+        h_family = h
         for d in MOE_D:
+            h = h_family * (d / MOE_D[0]) ** -flatten
             lr_law, bs_law = PAPER.predict(n if follows == "N" else na, d)
             opt = np.array([math.log(lr_law), math.log(bs_law)]) - delta
             steps = np.array([math.log(2) / 2, math.log(2)])

@@ -1,7 +1,7 @@
 """Replay the guided search on the released dense table and on perturbed versions of it.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_replay.py [--data FILE] [--split train|heldout|both]
-        [--draws K] [--set name=value ...]
+        [--draws K] [--scenarios a,b] [--priors steplaw,none] [--set name=value ...] [--per-draw]
 
 Why a protocol and not one number: the search's global knobs could have been fitted to the 17
 cells of the one released table. The acceptance targets must hold on cells never seen (other
@@ -161,6 +161,11 @@ SCENARIOS: dict[str, tuple[str, str, Callable[[np.random.Generator, Grids], Grid
     "moe-quad-N": ("train", "moe", synthetic_moe(follows="N")),
     "moe-asym-Na": ("train", "moe", synthetic_moe(follows="Na", bowls=("asymmetric",))),
     "moe-mix-N": ("train", "moe", synthetic_moe(follows="N", bowls=ALL, noise=3e-4, drop=0.05)),
+    "moe-flatten-Na": (
+        "train",
+        "moe",
+        synthetic_moe(follows="Na", bowls=ALL, drop=0.05, flatten=0.2),
+    ),  # fmt: skip
     "bs-shift": ("heldout", "dense", bs_shift),
     "noise": ("heldout", "dense", noise),
     "moe-na": ("heldout", "dense", lambda rng, g: moe(rng, g, follows="Na")),
@@ -275,6 +280,17 @@ def fmt(name: str, prior: str, s: dict[str, float]) -> str:
     )  # fmt: skip
 
 
+def per_draw(prior: str, kind: str, tots: list[dict[str, float]]) -> str:
+    """One line: per draw GPU-h% / mean ‰ / max ‰ and the targets it misses (G, M, X) or ok."""
+    tg, tm, tx = TARGETS[(prior, kind)]
+    cells = []
+    for t in tots:
+        g, m, x = t["gpu_hours_fraction"], t["mean_gap_permille"], t["max_gap_permille"]
+        miss = "G" * (g > tg) + "M" * (m > tm) + "X" * (x > tx)
+        cells.append(f"{100 * g:.2f}/{m:.3f}/{x:.2f} {miss or 'ok'}")
+    return "    draws: " + "; ".join(cells)
+
+
 def parse_set(items: Sequence[str]) -> dict[str, object]:
     kw: dict[str, object] = {}
     for it in items:
@@ -292,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--priors", default="steplaw,none")
     p.add_argument("--law-n", default="N", choices=("N", "Na"), help="which N the law sees")
     p.add_argument("--set", nargs="*", default=[], help="SearchConfig overrides, name=value")
+    p.add_argument("--per-draw", action="store_true", help="also print every draw's figures")
     args = p.parse_args(argv)
     grids = build_grid(read_table(args.data))
     splits = ("train", "heldout") if args.split == "both" else (args.split,)
@@ -311,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             label = f"{name} ({split})"
             tots = evaluate(grids, cfg, name, seeds, args.law_n)
             print(fmt(label, prior, summary(prior, kind, tots)))
+            if args.per_draw:
+                print(per_draw(prior, kind, tots))
             sys.stdout.flush()
     print(f"\n{time.perf_counter() - t0:.1f} s")
 
