@@ -410,6 +410,24 @@ class Launcher:
         return rundir.run_dir(self.sweep_dir, spec.run_id)
 
 
+def slurm_job_options(options: RunOptions, rc: ResourceClass) -> RunOptions:
+    """The options a SLURM job of class `rc` trains with: a GPU job that finds no usable GPU
+    must fail, not train on the node's CPU (the dry run's `dry_run_show` prints these)."""
+    if rc.gpus_per_node and options.device == "auto":
+        return replace(options, device="cuda")
+    return options
+
+
+def local_job_options(options: RunOptions, cfg: LocalSettings, gpus_per_run: int) -> RunOptions:
+    """The options a local job trains with: on its own GPU where it gets one (a job that cannot
+    use it fails instead of training on the CPU), with `threads_per_run` torch threads."""
+    if gpus_per_run and options.device == "auto":
+        options = replace(options, device="cuda")
+    if cfg.threads_per_run:
+        options = replace(options, num_threads=int(cfg.threads_per_run))
+    return options
+
+
 class SlurmLauncher(Launcher):
     """Job arrays per resource class via submitit; returns at once with the job ids."""
 
@@ -444,9 +462,7 @@ class SlurmLauncher(Launcher):
             )
             todo = [by_id[r] for r in chunk.run_ids]
             dirs = [str(self.run_dir(s)) for s in todo]
-            # a GPU job that finds no usable GPU must fail, not train on the node's CPU
-            gpu_job = chunk.resources.gpus_per_node and self.options.device == "auto"
-            opts = replace(self.options, device="cuda") if gpu_job else self.options
+            opts = slurm_job_options(self.options, chunk.resources)
             jobs = ex.map_array(RunJob(), todo, dirs, [opts] * len(dirs))
             for spec, job in zip(todo, jobs, strict=True):
                 record_attempt(
@@ -612,10 +628,8 @@ class LocalLauncher(Launcher):
         per_run = gpus_per_local_run(cfg.gpus_per_run, gpu_ids, host_gpu_count())
         if per_run:
             parallelism = min(parallelism, len(gpu_ids))
-            if options.device == "auto":
-                options = replace(options, device="cuda")
+        options = local_job_options(options, cfg, per_run)
         if cfg.threads_per_run:
-            options = replace(options, num_threads=int(cfg.threads_per_run))
             os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads_per_run))
         todo = deque(specs)
         running: dict[submitit.Job, tuple[RunSpec, int | None]] = {}

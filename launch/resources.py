@@ -43,6 +43,8 @@ class ResourceModel:
     """Assumptions behind the estimate; configs/sweep.yaml `resources:` sets them."""
 
     mfu: float = 0.35  # model FLOPs utilisation assumed for the estimate
+    # sd of log MFU around `mfu` before finished runs measure it (launch/usage.py calibrates)
+    mfu_prior_sd: float = 0.3
     peak_tflops: float = DEFAULT_PEAK_TFLOPS  # per device (flops.py's table); a CPU core ~0.05
     gpus_per_node: int = 8  # 0 = CPU-only jobs (the demo shapes, the CI cluster)
     max_nodes: int = 16
@@ -74,6 +76,7 @@ GPUS_PER_NODE = (0, 1, 2, 4, 8, 16)
 def check_resources(rm: ResourceModel) -> None:
     """Every field in its range, named as `resources.<field>` (a 0 peak would divide by zero)."""
     check_real("resources.mfu", rm.mfu, 0, 1, "(]")
+    check_real("resources.mfu_prior_sd", rm.mfu_prior_sd, 0, None, "()")
     check_real("resources.peak_tflops", rm.peak_tflops, 0, None, "()")
     if rm.gpus_per_node not in GPUS_PER_NODE or isinstance(rm.gpus_per_node, bool):
         raise SpecError(

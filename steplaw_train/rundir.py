@@ -304,6 +304,41 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_last_metrics(run_dir: Path, chunk: int = 8192) -> dict[str, Any] | None:
+    """The last logged record (None when there is none), reading only the file's end.
+
+    A sweep's status asks every unfinished run how far it got; reading whole metrics files of
+    thousands of long runs would make it slow, so this reads the last `chunk` bytes (more only
+    while no complete line fits) and returns the last line that parses as an object: a torn last
+    line is skipped, as read_metrics drops it. Never raises on damaged content (None instead).
+    """
+    path = metrics_path(run_dir)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            want = chunk
+            while True:
+                start = max(0, size - want)
+                f.seek(start)
+                data = f.read(size - start)
+                lines = data.split(b"\n")
+                if start > 0:
+                    lines = lines[1:]  # the first piece may be the tail of a longer line
+                for line in reversed(lines):
+                    if line.strip():
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(rec, dict):
+                            return rec
+                if start == 0:
+                    return None
+                want *= 4
+    except OSError:
+        return None
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Keep the records up to `last_step` (a resumed run re-logs the rest), atomically."""
     path = metrics_path(run_dir)

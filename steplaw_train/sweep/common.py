@@ -21,14 +21,14 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch import disk, executors, status
-from launch.resources import ResourceModel, device_hours, resource_class, resource_model
+from launch import disk, executors, status, usage
+from launch.resources import ResourceModel, resource_class, resource_model
 from steplaw_train import atomic, rundir
 from steplaw_train import config as config_mod
 from steplaw_train import grid as grid_mod
@@ -48,6 +48,8 @@ class SweepResult:
     failed: tuple[str, ...]  # local/debug runs that raised
     launcher: str
     table: str
+    # a dry run's data check: the SpecError line a submission would stop on (the CLI exits 2)
+    data_problem: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Setup:
     dry_run: bool
     model_shapes: int = 0  # distinct models whose megatron config was built (check_models)
     runs_root: Path | None = None  # the run store (None: the sweep's own runs/)
+    check_data: bool = True  # check the recipes' datasets before submitting (and in a dry run)
 
 
 def plain(section: Any) -> dict[str, Any]:
@@ -72,6 +75,13 @@ def plain(section: Any) -> dict[str, Any]:
     if isinstance(section, DictConfig):
         return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]
     return dict(section)
+
+
+def plain_list(value: Any) -> Any:
+    """A ListConfig as a list (other values as they are)."""
+    from omegaconf import ListConfig
+
+    return list(OmegaConf.to_container(value)) if isinstance(value, ListConfig) else value
 
 
 def expand_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> list[RunSpec]:
@@ -95,12 +105,21 @@ def write_dry_run_files(
     statuses: Sequence[status.RunStatus],
     todo: Sequence[RunSpec],
     out: Any,
+    calibration: usage.Calibration | None = None,
 ) -> None:
     """`dry_run_list=PATH` (.csv/.json): every run; `dry_run_sbatch=DIR`: the scripts of the job
-    arrays the submission would make (launch/dryrun.py)."""
+    arrays the submission would make; `dry_run_show=K|run_id(s)`: those runs fully resolved, as
+    their jobs would get them (launch/dryrun.py)."""
     from launch import dryrun
 
     rm = setup.resources
+    if cfg.get("dry_run_show") is not None:
+        value = cfg.dry_run_show
+        value = plain_list(value)
+        chosen = dryrun.show_selection(value, setup.specs)
+        states = {s.run_id: s.state for s in statuses}
+        cal = calibration or usage.calibration_from_dir(setup.sweep_dir, rm)
+        print(dryrun.show_runs(chosen, setup.specs, states, setup.launcher, cal), file=out)
     if cfg.get("dry_run_list"):
         states = {s.run_id: s.state for s in statuses}
         path = Path(str(cfg.dry_run_list)).expanduser()
@@ -136,14 +155,20 @@ def disk_line(setup: Setup, todo: Sequence[RunSpec], batch_calls: int) -> str:
     return room.describe()
 
 
+DRY_RUN_OUTPUTS = ("dry_run_list", "dry_run_sbatch", "dry_run_show")
+
+
 def check_sweep_fields(cfg: Any) -> None:
     """The sweep's own top-level fields, before anything is read or written."""
     from steplaw_train.spec import check_int
 
     check_int("max_retries", cfg.get("max_retries", 1), 0)
-    for key in ("dry_run", "retry_failed"):
+    for key in ("dry_run", "retry_failed", "check_data"):
         if not isinstance(cfg.get(key, False), bool):
             raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
+    for key in DRY_RUN_OUTPUTS:  # asked for, it would be ignored by a submission
+        if cfg.get(key) is not None and not cfg.get("dry_run", False):
+            raise SpecError(key, "is a dry-run output; add dry_run=true (nothing is submitted)")
     if not str(cfg.get("sweep_dir") or "").strip():
         raise SpecError("sweep_dir", "must be a directory path (default: sweeps/<grid.name>)")
     if not str(cfg.get("runs_root") or "").strip():
@@ -215,6 +240,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
         dry_run=bool(cfg.get("dry_run", False)),
         model_shapes=shapes,
         runs_root=runs_root,
+        check_data=bool(cfg.get("check_data", True)),
     )
 
 
@@ -248,8 +274,34 @@ def check_data(specs: Sequence[RunSpec], options: RunOptions) -> None:
     """Validate each recipe's dataset files before anything is submitted."""
     from steplaw_train.data import check_data as check
 
-    for data in {s.data for s in specs}:
+    for data in sorted({s.data for s in specs}, key=lambda d: d.recipe):
         check(data, options.data_root)
+
+
+def dry_run_data(setup: Setup, specs: Sequence[RunSpec], out: Any) -> str | None:
+    """The dry run's data check, after its table: one line saying the datasets are there, or
+    the problem a submission would stop on (returned; the CLI then exits 2). `check_data=false`
+    skips it, in the dry run and the submission alike, for clusters whose data is mounted only
+    on the compute nodes."""
+    if not setup.check_data:
+        print("data: not checked (check_data=false)", file=out)
+        return None
+    recipes = sorted({s.data.recipe for s in specs})
+    try:
+        check_data(specs, setup.options)
+    except SpecError as e:
+        print(
+            f"data: PROBLEM {e} — a submission would be refused (check_data=false skips the "
+            "check where the data is mounted only on the compute nodes)",
+            file=out,
+        )
+        return str(e)
+    print(
+        f"data: {len(recipes)} recipe(s) ready under {setup.options.data_root} "
+        f"({', '.join(recipes) or 'nothing to submit'})",
+        file=out,
+    )
+    return None
 
 
 def table(
@@ -259,11 +311,21 @@ def table(
     rm: ResourceModel,
     launcher: str,
     batch_calls: int,
+    calibration: usage.Calibration | None = None,
 ) -> str:
-    """Dry-run table: one row per (model, recipe, D) cell."""
+    """Dry-run table: one row per (model, recipe, D) cell.
+
+    Device-hours are at the MFU that finished runs measured (launch/usage.py; the assumed
+    `resources.mfu` where none did), with a 90% range; the resource classes (walltimes) stay at
+    the assumed MFU, so what is submitted does not move with the calibration."""
+    cal = calibration or usage.calibrate(
+        (), rm.mfu, rm.mfu_prior_sd, "GPU" if rm.gpus_per_node else "CPU"
+    )
     state = {s.run_id: s.state for s in statuses}
-    rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
+    rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
     classes: dict[tuple, set[str]] = defaultdict(set)
+    mfus: dict[tuple, set[str]] = defaultdict(set)
+    todo_h = [0.0, 0.0, 0.0]
     for spec in specs:
         key = cell_key(spec)
         r, st = rows[key], state[spec.run_id]
@@ -272,28 +334,37 @@ def table(
         r["finished"] += st in ("done", "diverged")
         r["queued"] += st in ("queued", "running")
         r["failed"] += st in ("failed", "preempted")
-        r["hours"] += device_hours(spec, rm)
+        hours = cal.hours(spec, rm)
+        r["hours"] += hours[0]
+        r["low"] += hours[1]
+        r["high"] += hours[2]
+        if spec.run_id in todo:
+            todo_h = [a + b for a, b in zip(todo_h, hours, strict=True)]
         classes[key].add(resource_class(spec, rm).label())
+        e = cal.estimate(spec.model)
+        mfus[key].add(f"{e.mfu:.2g}({e.runs})")
     unit = "GPU-h" if rm.gpus_per_node else "CPU-h"
     head = (
         f"{'model':<18} {'recipe':<18} {'D':>9} {'runs':>5} {'submit':>6} {'finished':>8} "
-        f"{'queued':>6} {'failed':>6} {unit:>9}  resources"
+        f"{'queued':>6} {'failed':>6} {unit:>9} {'90% range':>15} {'MFU(n)':>9}  resources"
     )
     lines = [head, "-" * len(head)]
     for (model, recipe, D), r in sorted(
         rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
     ):
+        span = f"{r['low']:.2g}-{r['high']:.2g}"
         lines.append(
-            f"{model:<18} {recipe:<18} {D:>9.3g} {r['runs']:>5} {r['submit']:>6} "
-            f"{r['finished']:>8} {r['queued']:>6} {r['failed']:>6} {r['hours']:>9.3g}  "
+            f"{model:<18} {recipe:<18} {D:>9.3g} {int(r['runs']):>5} {int(r['submit']):>6} "
+            f"{int(r['finished']):>8} {int(r['queued']):>6} {int(r['failed']):>6} "
+            f"{r['hours']:>9.3g} {span:>15} {','.join(sorted(mfus[(model, recipe, D)])):>9}  "
             f"{','.join(sorted(classes[(model, recipe, D)]))}"
         )
-    total = sum(r["hours"] for r in rows.values())
-    todo_h = sum(device_hours(s, rm) for s in specs if s.run_id in todo)
+    total = [sum(r[k] for r in rows.values()) for k in ("hours", "low", "high")]
     lines.append(
         f"{len(specs)} runs in {len(rows)} cells; {len(todo)} to submit via {launcher} "
-        f"({batch_calls} sbatch calls); {unit} total {total:.4g}, to submit {todo_h:.4g} "
-        f"(MFU {rm.mfu}, {rm.peak_tflops} TFLOP/s peak)"
+        f"({batch_calls} sbatch calls); {unit} total {total[0]:.4g} ({total[1]:.3g}-"
+        f"{total[2]:.3g}), to submit {todo_h[0]:.4g} ({todo_h[1]:.3g}-{todo_h[2]:.3g}) at "
+        f"{rm.peak_tflops} TFLOP/s peak; {cal.describe()}"
     )
     cancelled = sum(state[s.run_id] == "cancelled" for s in specs)
     if cancelled:

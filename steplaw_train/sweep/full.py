@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from launch import status
+from launch import status, usage
 from steplaw_train import config as config_mod
 from steplaw_train import rundir
 from steplaw_train.keys import check_keys
@@ -28,6 +28,7 @@ from steplaw_train.sweep.common import (
     SweepResult,
     check_data,
     disk_line,
+    dry_run_data,
     plain,
     record_submission,
     record_sweep,
@@ -46,7 +47,10 @@ def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResul
     print(f"megatron configs built for {setup.model_shapes} model shape(s)", file=out)
     search = plain(cfg.get("search"))
     if str(search.get("name", "full")) != "full":  # search=guided
-        return guided.run(cfg, setup, out)
+        result = guided.run(cfg, setup, out)
+        if setup.dry_run:  # the guided sweep checks every grid recipe before its first round
+            return replace(result, data_problem=dry_run_data(setup, setup.specs, out))
+        return result
     check_keys(search, ("name",), "search")  # the full search has no knobs
     if setup.dry_run:
         return _submit(cfg, setup, out)
@@ -61,7 +65,8 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
     todo_set = set(todo_ids)  # once: a set per spec made planning quadratic in the grid
     todo = [s for s in specs if s.run_id in todo_set]
     calls = launcher.plan(todo)
-    text = table(specs, statuses, todo_set, setup.resources, launcher.name, calls)
+    cal = usage.calibration_from_dir(setup.sweep_dir, setup.resources)
+    text = table(specs, statuses, todo_set, setup.resources, launcher.name, calls, cal)
     text += "\n" + disk_line(setup, todo, calls)
     print(text, file=out)
     result = SweepResult(
@@ -76,9 +81,10 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
         table=text,
     )
     if setup.dry_run:
-        write_dry_run_files(cfg, setup, statuses, todo, out)
-        return result
-    check_data(todo, setup.options)
+        write_dry_run_files(cfg, setup, statuses, todo, out, cal)
+        return replace(result, data_problem=dry_run_data(setup, todo, out))
+    if setup.check_data:
+        check_data(todo, setup.options)
     record_sweep(setup.sweep_dir, cfg, specs, setup.runs_root)
     sub = launcher.submit(todo)
     record_submission(setup, sub.run_ids, sub)
@@ -108,6 +114,9 @@ def main() -> None:
             result = sweep(cfg, overrides=list(HydraConfig.get().overrides.task))
         except (SpecError, status.SchedulerUnavailable, LockUnsupported) as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if result.data_problem:  # a dry run whose submission would stop on the data
+            print(f"error: {result.data_problem}", file=sys.stderr)
             sys.exit(2)
         if result.failed:
             sys.exit(1)

@@ -463,7 +463,8 @@ def run(cfg: Any, setup: Setup, out=sys.stdout) -> GuidedResult:
     state, pending, rounds = load_state(setup.sweep_dir, cells, gcfg)
     if setup.dry_run:
         return _dry_run(state, pending, cells, setup, out)
-    check_data(setup.specs, setup.options)
+    if setup.check_data:
+        check_data(setup.specs, setup.options)
     driver = Driver(cfg, setup, gcfg, cells, state, pending, rounds, out)
     with rundir.sweep_owned(setup.sweep_dir):
         while driver.step():
