@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -96,3 +97,85 @@ def test_dry_run_disk_line_follows_the_final_checkpoint_kind(tmp_path):
     with pytest.raises(SpecError, match=r"^options\.final_checkpoint: must be one of"):
         _disk_line(tmp_path, "options.final_checkpoint=weights")
     assert not (tmp_path / "sw").exists()
+
+
+def test_dry_run_show_prints_the_grids_run_not_the_base_model(tmp_path):
+    """`dry_run_show` is the sweep's `--cfg job`: the run as the grid expanded it (dense_1b's
+    shape, not the base config's demo_dense), its derived values, the options its job trains
+    with and the submitit parameters of that job."""
+    import yaml
+
+    from launch.executors import slurm_parameters
+    from steplaw_train.config import model_from_cfg
+
+    over = ("+grid=dense_1b", "dry_run=true", "launcher=slurm", "launcher.partition=gpu")
+    over += ("launcher.max_walltime_min=1440", f"sweep_dir={tmp_path / 'sw'}", "check_data=false")
+    cfg = sweep_cfg(*over, "dry_run_show=2")
+    buf = io.StringIO()
+    res = sweep(cfg, out=buf)
+    text = buf.getvalue()
+    docs = [yaml.safe_load(d) for d in text[text.index("# run 1/") :].split("\n---\n")]
+    docs[-1] = yaml.safe_load(text[text.rindex("# run 2/") :].split("\ndata: ")[0])
+    assert [d["run_id"] for d in docs] == [s.run_id for s in res.specs[:2]]
+    base = model_from_cfg(cfg.model)  # what the grid overrides
+    rm = resource_model(cfg.resources)
+    for doc, spec in zip(docs, res.specs, strict=False):
+        assert doc["spec"]["model"]["name"] == "dense_1b" != base.name
+        assert doc["spec"]["model"]["hidden"] == spec.model.hidden != base.hidden
+        assert doc["spec"]["train"]["lr"] == spec.train.lr
+        assert doc["derived"]["iterations"] == spec.iterations
+        assert doc["derived"]["tokens_per_step"] == spec.tokens_per_step
+        assert doc["derived"]["N"] == spec.N and doc["derived"]["Na"] == spec.Na
+        rc = resource_class(spec, replace(rm, max_timeout_min=1440))
+        assert doc["resources"]["class"] == rc.label()
+        assert doc["options"]["device"] == "cuda"  # a GPU job fails rather than train on CPU
+        params = doc["job"]["parameters"]
+        assert params["gpus_per_node"] == rc.gpus_per_node
+        assert params["timeout_min"] == rc.timeout_min <= 1440
+        assert params["slurm_partition"] == "gpu"
+        want = slurm_parameters(rc, {"partition": "gpu", "array_parallelism": 256})
+        assert params["tasks_per_node"] == want["tasks_per_node"]
+    one = res.specs[7].run_id
+    buf = io.StringIO()
+    sweep(sweep_cfg(*over, f"dry_run_show={one}"), out=buf)
+    assert buf.getvalue().count("# run ") == 1 and f"run_id: {one}" in buf.getvalue()
+    with pytest.raises(SpecError, match=r"dry_run_show: run_id\(s\) \['nosuchrun'\] are not"):
+        sweep(sweep_cfg(*over, "dry_run_show=nosuchrun"), out=io.StringIO())
+    with pytest.raises(SpecError, match="dry_run_show: is a dry-run output; add dry_run=true"):
+        sweep(sweep_cfg("+grid=dense_1b", f"sweep_dir={tmp_path / 'sw'}", "dry_run_show=1"))
+    assert not (tmp_path / "sw").exists()
+
+
+def test_the_dry_run_checks_the_data_after_its_table(tmp_path):
+    """A dry run whose submission would stop on the data says so after the table (and the CLI
+    exits 2); check_data=false skips the check; a recipe that is there is reported ready."""
+    over = ("+grid=dense_1b", "dry_run=true", f"sweep_dir={tmp_path / 'sw'}")
+    over += (f"options.data_root={tmp_path / 'data'}",)
+    buf = io.StringIO()
+    res = sweep(sweep_cfg(*over), out=buf)
+    text = buf.getvalue()
+    assert res.data_problem.startswith("data.tokenizer: unknown tokenizer 'bpe32000'")
+    assert text.index("360 runs in 3 cells") < text.index("data: PROBLEM data.tokenizer")
+    skipped = io.StringIO()
+    assert sweep(sweep_cfg(*over, "check_data=false"), out=skipped).data_problem is None
+    assert "data: not checked (check_data=false)" in skipped.getvalue()
+    tiny = io.StringIO()
+    ok = sweep(
+        sweep_cfg("+grid=tiny", "dry_run=true", "launcher=local", f"sweep_dir={tmp_path / 's'}"),
+        out=tiny,
+    )
+    assert ok.data_problem is None and "data: 1 recipe(s) ready under" in tiny.getvalue()
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_dry_run_cli_exits_2_on_a_data_problem_after_printing_the_table(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "steplaw_train.sweep", "+grid=dense_1b", "dry_run=true"]
+    cmd += [f"sweep_dir={tmp_path / 'sw'}", f"options.data_root={tmp_path / 'data'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "360 runs in 3 cells" in p.stdout and "data: PROBLEM" in p.stdout
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]  # + library warnings
+    assert line.startswith("error: data.tokenizer: unknown tokenizer 'bpe32000'")
