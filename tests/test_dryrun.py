@@ -179,3 +179,13 @@ def test_the_dry_run_cli_exits_2_on_a_data_problem_after_printing_the_table(tmp_
     assert "360 runs in 3 cells" in p.stdout and "data: PROBLEM" in p.stdout
     (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]  # + library warnings
     assert line.startswith("error: data.tokenizer: unknown tokenizer 'bpe32000'")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("check_data=maybe", "check_data"), ("resources.mfu_prior_sd=0", "resources.mfu_prior_sd")],
+)
+def test_new_sweep_fields_are_checked_before_anything_runs(tmp_path, override, field):
+    cfg = sweep_cfg("+grid=tiny", "dry_run=true", f"sweep_dir={tmp_path / 'sw'}", override)
+    with pytest.raises(SpecError, match=rf"^{field}: "):
+        sweep(cfg, out=io.StringIO())
