@@ -136,6 +136,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _sig(x: float) -> float:
+    """4 significant digits: estimates, not measurements."""
+    return float(f"{x:.4g}")
+
+
 def job_view(spec: RunSpec, launcher: executors.Launcher) -> dict[str, Any]:
     """The job one run would get from this launcher: options it trains with and the submitit
     parameters (the same functions the submission calls, so the two cannot drift apart)."""
@@ -200,11 +205,11 @@ def show_runs(
                 **_plain(rc),
                 "data_parallel": rc.data_parallel,
                 "device_hours": {
-                    "assumed_mfu": device_hours(spec, rm),
-                    "calibrated": est,
-                    "range_90": [low, high],
+                    "assumed_mfu": _sig(device_hours(spec, rm)),
+                    "calibrated": _sig(est),
+                    "range_90": [_sig(low), _sig(high)],
                 },
-                "mfu": {"assumed": rm.mfu, "calibrated": mfu.mfu, "runs": mfu.runs},
+                "mfu": {"assumed": rm.mfu, "calibrated": _sig(mfu.mfu), "runs": mfu.runs},
             },
             "job": job,
         }

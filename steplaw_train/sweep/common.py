@@ -114,9 +114,7 @@ def write_dry_run_files(
 
     rm = setup.resources
     if cfg.get("dry_run_show") is not None:
-        value = cfg.dry_run_show
-        value = plain_list(value)
-        chosen = dryrun.show_selection(value, setup.specs)
+        chosen = dryrun.show_selection(plain_list(cfg.dry_run_show), setup.specs)
         states = {s.run_id: s.state for s in statuses}
         cal = calibration or usage.calibration_from_dir(setup.sweep_dir, rm)
         print(dryrun.show_runs(chosen, setup.specs, states, setup.launcher, cal), file=out)
@@ -325,6 +323,7 @@ def table(
     rows: dict[tuple, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
     classes: dict[tuple, set[str]] = defaultdict(set)
     mfus: dict[tuple, set[str]] = defaultdict(set)
+    shown: dict[Any, str] = {}
     todo_h = [0.0, 0.0, 0.0]
     for spec in specs:
         key = cell_key(spec)
@@ -341,8 +340,10 @@ def table(
         if spec.run_id in todo:
             todo_h = [a + b for a, b in zip(todo_h, hours, strict=True)]
         classes[key].add(resource_class(spec, rm).label())
-        e = cal.estimate(spec.model)
-        mfus[key].add(f"{e.mfu:.2g}({e.runs})")
+        if spec.model not in shown:  # once per model: a grid repeats it for every point
+            e = cal.estimate(spec.model)
+            shown[spec.model] = f"{e.mfu:.2g}({e.runs})"
+        mfus[key].add(shown[spec.model])
     unit = "GPU-h" if rm.gpus_per_node else "CPU-h"
     head = (
         f"{'model':<18} {'recipe':<18} {'D':>9} {'runs':>5} {'submit':>6} {'finished':>8} "
