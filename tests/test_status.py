@@ -306,3 +306,10 @@ def test_the_dry_run_table_shows_the_calibrated_hours_and_their_range(finished, 
     )
     # the walltimes are not moved by the calibration (what is submitted stays the same)
     assert row[-1] == "1cpu/15min"
+
+
+def test_watch_through_the_cli_draws_a_view_of_an_ended_sweep(finished, tmp_path, capsys):
+    sw, _, _ = copy_of(finished, tmp_path)
+    status_cli.main([str(sw), "--watch", "0.01", "--watch-iterations", "3"])
+    out = capsys.readouterr().out
+    assert "done=2" in out and "CPU-h spent" in out and "demo_dense_small" in out
