@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ import submitit
 from launch import status
 from launch.resources import ResourceClass, ResourceModel, resource_class
 from launch.status import process_start_time
-from steplaw_train import rundir
+from steplaw_train import provenance, rundir
 from steplaw_train.keys import check_keys
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import RunSpec, SpecError, check_int, check_real, validate
@@ -352,6 +353,7 @@ class Submitted:
     # (run_id, state): runs another sweep queued, started or finished, or this sweep
     # cancelled, after they were chosen; found under the store's claim lock, not submitted
     skipped: tuple[tuple[str, str], ...] = ()
+    code: Path | None = None  # the code snapshot the jobs run (SLURM); None: the live checkout
 
 
 @dataclass(frozen=True)
@@ -370,6 +372,7 @@ class Launcher:
     resources: ResourceModel
     blocking: bool = True
     runs_root: Path | None = None  # the run store; None: the sweep's own runs/
+    allow_dirty: bool = False  # SLURM: submit a checkout with uncommitted changes as it is
 
     def plan(self, specs: Sequence[RunSpec]) -> int:
         return 0
@@ -448,6 +451,14 @@ class SlurmLauncher(Launcher):
         by_id = {s.run_id: s for s in specs}
         job_ids: list[str] = []
         chunks = self._chunks(specs, self.settings.max_array_size or cluster_max_array_size())
+        # the jobs run a copy of the code as it is now, not the checkout when they start
+        code = provenance.snapshot(
+            self.sweep_dir / rundir.CODE, provenance.code_root(), self.allow_dirty
+        )
+        job_path = snapshot_pythonpath(code, provenance.code_root())
+        # the jobs' working directory is the snapshot: a relative data root means the
+        # submitting directory's
+        options = replace(self.options, data_root=Path(self.options.data_root).resolve())
         for chunk in chunks:
             ex = submitit.AutoExecutor(
                 folder=self.sweep_dir / "logs",
@@ -457,12 +468,11 @@ class SlurmLauncher(Launcher):
                 + chunk.resources.segments
                 - 1,
             )
-            ex.update_parameters(
-                name=f"steplaw_{self.sweep_dir.name}", **slurm_parameters(chunk.resources, lc)
-            )
+            params = run_in_snapshot(slurm_parameters(chunk.resources, lc), code, job_path)
+            ex.update_parameters(name=f"steplaw_{self.sweep_dir.name}", **params)
             todo = [by_id[r] for r in chunk.run_ids]
             dirs = [str(self.run_dir(s)) for s in todo]
-            opts = slurm_job_options(self.options, chunk.resources)
+            opts = slurm_job_options(options, chunk.resources)
             jobs = ex.map_array(RunJob(), todo, dirs, [opts] * len(dirs))
             for spec, job in zip(todo, jobs, strict=True):
                 record_attempt(
@@ -471,12 +481,42 @@ class SlurmLauncher(Launcher):
                         "executor": "slurm",
                         "job_id": job.job_id,
                         "resources": chunk.resources.label(),
+                        "code": str(code),
                         "stdout": str(job.paths.stdout),
                         "stderr": str(job.paths.stderr),
                     },
                 )
                 job_ids.append(job.job_id)
-        return Submitted(job_ids=tuple(job_ids), batch_calls=len(chunks))
+        return Submitted(job_ids=tuple(job_ids), batch_calls=len(chunks), code=code)
+
+
+def run_in_snapshot(params: Mapping[str, Any], code: Path, pythonpath: str) -> dict[str, Any]:
+    """submitit parameters that make a job import the snapshot `code`, never the checkout.
+
+    The job runs `python -m submitit.core._submit`, so its sys.path starts with its working
+    directory, which sbatch sets to the submitting directory (the checkout) unless told
+    otherwise; PYTHONPATH comes next, then site-packages, where an editable install points at
+    the checkout too. So: `--chdir` to the snapshot, and PYTHONPATH starting with it, set in
+    the script's setup lines. Both live in the sbatch script, which a requeue runs again: a
+    requeued job runs the same snapshot."""
+    extra = dict(params.get("slurm_additional_parameters") or {})
+    if "chdir" in extra:
+        raise SpecError(
+            "launcher.additional.chdir",
+            "is set by the SLURM launcher (jobs run in their code snapshot); remove it",
+        )
+    extra["chdir"] = str(code)
+    setup = [f"export PYTHONPATH={shlex.quote(pythonpath)}", *(params.get("slurm_setup") or [])]
+    return {**params, "slurm_additional_parameters": extra, "slurm_setup": setup}
+
+
+def snapshot_pythonpath(code: Path, live_root: Path, current: str | None = None) -> str:
+    """The jobs' PYTHONPATH: the snapshot first, then this process's entries without the
+    checkout the snapshot was copied from (a module deleted from the code must stay deleted)."""
+    current = os.environ.get("PYTHONPATH", "") if current is None else current
+    live = Path(live_root).resolve()
+    rest = [p for p in current.split(os.pathsep) if p and Path(p).resolve() != live]
+    return os.pathsep.join([str(code), *[p for p in rest if p != str(code)]])
 
 
 def _describe(spec: RunSpec) -> str:
@@ -761,9 +801,11 @@ def build_launcher(
     options: RunOptions,
     resources: ResourceModel,
     runs_root: Path | None = None,
+    allow_dirty: bool = False,
 ) -> Launcher:
     """The launcher the `launcher:` section asks for (auto resolved), validated. `runs_root`:
-    the run store whose claim lock guards submissions (None: the sweep's own runs/)."""
+    the run store whose claim lock guards submissions (None: the sweep's own runs/).
+    `allow_dirty`: the SLURM launcher snapshots and submits a checkout with uncommitted changes."""
     name, settings = launcher_settings(section)
     cls = LAUNCHER_CLASSES[name]
     if name == "slurm":  # never ask for more time than the partition / QOS allows
@@ -778,11 +820,14 @@ def build_launcher(
         resources,
         blocking=cls is not SlurmLauncher,
         runs_root=Path(runs_root) if runs_root is not None else None,
+        allow_dirty=allow_dirty,
     )
 
 
 def _export_pythonpath() -> None:
-    """Jobs import steplaw_train even when it is run from a checkout rather than installed."""
+    """Jobs import steplaw_train even when it is run from a checkout rather than installed.
+    (Local and debug jobs run this live checkout; SLURM jobs put their snapshot first:
+    run_in_snapshot.)"""
     root = str(Path(__file__).resolve().parents[1])
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in parts:

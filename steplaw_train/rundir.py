@@ -7,6 +7,7 @@ stage agrees on what a run is:
     <run_dir>/metrics.jsonl   one JSON object per logged step (step, tokens, loss, lr, ...)
     <run_dir>/result.json     {"schema_version", "run_id", "status", "smooth_loss", ...}; last
     <run_dir>/launch.json     {"attempts": [...]} (launch/executors.py)
+    <run_dir>/code.jsonl      one line per trainer start: the code it ran (provenance.py)
     <run_dir>/checkpoints/    step_<N>/ (checkpoint.py) + format.json (what wrote them); a
                               finished run: final/ (model weights only) or its last step_<N>/
     <run_dir>/.lock           flock held by the live trainer (locks.py)
@@ -25,6 +26,7 @@ checkpoints belong to another run_id, or whose checkpoints were written in anoth
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -53,6 +55,10 @@ MANIFEST = "manifest.json"
 SUBMISSIONS = "submissions.jsonl"
 SWEEP_LOCK = ".sweep.lock"
 CANCELLED = "cancelled.json"
+CONFIG = "config.yaml"  # the latest submission's resolved config
+CONFIGS = "configs"  # configs/<sha256[:12]>.yaml: every submission's, content-addressed
+CODE = "code"  # code/<key>/: the code snapshots SLURM jobs run (provenance.snapshot)
+CODE_STARTS = "code.jsonl"
 MANIFEST_KEYS = ("grid", "run_ids")
 # the run store (<runs_root>): run dirs by run_id, shared by every sweep that references them
 STORE_CLAIM = ".claim.lock"
@@ -413,6 +419,17 @@ def write_attempts(run_dir: Path, attempts: list[Mapping[str, Any]]) -> None:
     atomic.write_json(launch_path(run_dir), {"attempts": [dict(a) for a in attempts]})
 
 
+# ---- code.jsonl ----------------------------------------------------------------------------------
+def append_code_start(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """One line per trainer start (first start, resume, requeue): the code it ran."""
+    append_jsonl(Path(run_dir) / CODE_STARTS, record)
+
+
+def read_code_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The recorded starts (a torn last line dropped, a bad line skipped)."""
+    return read_jsonl(Path(run_dir) / CODE_STARTS)[0]
+
+
 # ---- ownership ---------------------------------------------------------------------------------
 def checkpoint_format(precision: str, distributed_optimizer: bool) -> dict[str, Any]:
     """What a checkpoint's layout depends on (data parallelism is not: fully reshardable)."""
@@ -508,6 +525,23 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
     if not isinstance(doc["run_ids"], list) or not all(isinstance(r, str) for r in doc["run_ids"]):
         raise CorruptRecord(path, "'run_ids' is not a list of run ids")
     return doc
+
+
+def write_config(sweep_dir: Path, text: str) -> str:
+    """The resolved config as config.yaml (the latest) and as configs/<sha256[:12]>.yaml, which
+    is never overwritten with other content: every submission's config stays readable (its
+    submissions.jsonl line names the copy). Returns that copy's path relative to the sweep dir."""
+    rel = config_copy(text)
+    copy = Path(sweep_dir) / rel
+    if not copy.exists():
+        atomic.write_text(copy, text)
+    atomic.write_text(Path(sweep_dir) / CONFIG, text)
+    return rel
+
+
+def config_copy(text: str) -> str:
+    """Where write_config keeps this config (relative to the sweep dir)."""
+    return f"{CONFIGS}/{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
 
 
 def append_submission(sweep_dir: Path, entry: Mapping[str, Any]) -> None:

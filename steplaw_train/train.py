@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from steplaw_train import checkpoint as ckpt
-from steplaw_train import distributed, flops, rundir
+from steplaw_train import distributed, flops, provenance, rundir
 from steplaw_train import metrics as mx
 from steplaw_train.locks import LockUnsupported
 from steplaw_train.options import DEVICES, RunOptions, validate_options
@@ -598,8 +598,11 @@ def record_spec(spec: RunSpec, run_dir: Path, plan: Plan, model, world) -> dict[
         "num_microbatches": plan.num_microbatches,
         "data_parallel": plan.data_parallel,
         "precision": "bf16" if plan.bf16 else "fp32",
+        # the code this start runs (its snapshot's record on SLURM): provenance.py
+        "provenance": provenance.running_provenance(),
     }
     if world.is_main:
+        rundir.append_code_start(run_dir, code_start(execution["provenance"]))
         rundir.write_spec(run_dir, spec, execution)
         rundir.write_checkpoint_format(run_dir, spec.run_id, checkpoint_format(plan))
     return rundir.spec_doc(spec, execution)
@@ -920,7 +923,29 @@ def build_result(loop: Loop, outcome: Outcome) -> dict:
     }
     if outcome.reason is not None:
         result["reason"] = outcome.reason
+    result.update(code_record(loop.run_dir))
     return result
+
+
+def code_start(prov: dict[str, Any]) -> dict[str, Any]:
+    """code.jsonl's line for this start: which code, from where, in which SLURM job."""
+    keys = ("key", "source", "commit", "dirty", "diff_digest", "code_root")
+    return {
+        "time": time.time(),
+        **{k: prov.get(k) for k in keys},
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def code_record(run_dir: Path) -> dict[str, Any]:
+    """result.json's provenance: the code that finished the run, and the code of every start
+    (code.jsonl). More than one key: the run was resumed on other code than it began on."""
+    keys = sorted({str(s.get("key")) for s in rundir.read_code_starts(run_dir)})
+    return {
+        "provenance": provenance.running_provenance(),
+        "code_keys": keys,
+        "code_mixed": len(keys) > 1,
+    }
 
 
 # ---- Hydra shell -------------------------------------------------------------------------------

@@ -90,15 +90,21 @@ def run_tags(doc: dict, status: str) -> list[str]:
 
 
 def identity(doc: dict, group: str | None, status: str) -> dict[str, Any]:
-    """wandb.init keyword arguments that identify a run: the same live and exported."""
-    derived = doc.get("derived") or {}
+    """wandb.init keyword arguments that identify a run: the same live and exported. The code's
+    provenance (spec.json's derived.provenance: commit, dirty, digest, packages) is its own
+    config section, so runs filter and group by `provenance.commit` / `provenance.key`."""
+    derived = dict(doc.get("derived") or {})
+    prov = derived.pop("provenance", None)
+    config = {"spec": doc["spec"], "derived": derived}
+    if prov is not None:
+        config["provenance"] = prov
     return {
         "id": derived.get("run_id"),
         "name": run_name(doc),
         "group": group,
         "job_type": JOB_TYPE,
         "tags": run_tags(doc, status),
-        "config": {"spec": doc["spec"], "derived": derived},
+        "config": config,
     }
 
 

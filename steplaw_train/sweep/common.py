@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import disk, executors, status, usage
 from launch.resources import ResourceModel, resource_class, resource_model
-from steplaw_train import atomic, rundir
 from steplaw_train import config as config_mod
 from steplaw_train import grid as grid_mod
+from steplaw_train import provenance, rundir
 from steplaw_train.cells import cell_key
 from steplaw_train.options import RunOptions, validate_options
 from steplaw_train.spec import RunSpec, SpecError
@@ -67,6 +67,10 @@ class Setup:
     model_shapes: int = 0  # distinct models whose megatron config was built (check_models)
     runs_root: Path | None = None  # the run store (None: the sweep's own runs/)
     check_data: bool = True  # check the recipes' datasets before submitting (and in a dry run)
+    overrides: tuple[str, ...] = ()  # the command line's, recorded with each submission
+    code: provenance.CodeState | None = None  # the submitting checkout's state
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # its record (+ packages)
+    allow_dirty: bool = False
 
 
 def plain(section: Any) -> dict[str, Any]:
@@ -161,7 +165,7 @@ def check_sweep_fields(cfg: Any) -> None:
     from steplaw_train.spec import check_int
 
     check_int("max_retries", cfg.get("max_retries", 1), 0)
-    for key in ("dry_run", "retry_failed", "check_data"):
+    for key in ("dry_run", "retry_failed", "check_data", "allow_dirty"):
         if not isinstance(cfg.get(key, False), bool):
             raise SpecError(key, f"must be true or false, got {cfg.get(key)!r}")
     for key in DRY_RUN_OUTPUTS:  # asked for, it would be ignored by a submission
@@ -212,6 +216,7 @@ def check_sweep_dir_grid(sweep_dir: Path, grid_name: str) -> None:
 def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     """Expand and validate everything a sweep needs before it touches the sweep dir."""
     check_sweep_fields(cfg)
+    code, prov = check_code(cfg)
     specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = config_mod.options_from_cfg(cfg.get("options"))
@@ -222,8 +227,14 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     runs_root = Path(str(cfg.runs_root)).expanduser().resolve()
     check_runs_root(sweep_dir, runs_root)
     check_sweep_dir_grid(sweep_dir, grid_name)
+    allow_dirty = bool(cfg.get("allow_dirty", False))
     launcher = executors.build_launcher(
-        plain(cfg.get("launcher")), sweep_dir, options, resources, runs_root=runs_root
+        plain(cfg.get("launcher")),
+        sweep_dir,
+        options,
+        resources,
+        runs_root=runs_root,
+        allow_dirty=allow_dirty,
     )
     resources = launcher.resources  # capped at the cluster's time limit (SLURM)
     shapes = check_models(specs)
@@ -239,7 +250,37 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
         model_shapes=shapes,
         runs_root=runs_root,
         check_data=bool(cfg.get("check_data", True)),
+        overrides=tuple(str(o) for o in overrides),
+        code=code,
+        provenance=prov,
+        allow_dirty=allow_dirty,
     )
+
+
+def check_code(cfg: Any) -> tuple[provenance.CodeState, dict[str, Any]]:
+    """The submitting checkout's provenance; a SLURM submission (not a dry run) from a dirty
+    tree is refused here, before the cluster is asked anything or a file is written, unless
+    `allow_dirty=true` (its jobs would run code no commit holds)."""
+    code, prov = provenance.checkout_provenance()
+    name = executors.resolve_launcher(str(plain(cfg.get("launcher")).get("name", "auto")))
+    if name == "slurm" and not cfg.get("dry_run", False):
+        provenance.check_clean(code, bool(cfg.get("allow_dirty", False)))
+    return code, prov
+
+
+def code_line(setup: Setup) -> str:
+    """The sweep output's line about the code: commit, clean or not; what a dirty tree means
+    for this launcher (SLURM refuses it unless allow_dirty; local/debug run it as it is)."""
+    if setup.code is None:
+        return "code: unknown"
+    line = setup.code.describe()
+    if setup.code.dirty and setup.launcher.name == "slurm":
+        line += (
+            "; allow_dirty=true: submitted as it is"
+            if setup.allow_dirty
+            else "; a submission would be refused (commit, or allow_dirty=true)"
+        )
+    return line
 
 
 def check_models(specs: Sequence[RunSpec]) -> int:
@@ -380,10 +421,11 @@ def record_sweep(
     sweep_dir: Path, cfg: Any, specs: Sequence[RunSpec], runs_root: Path | None = None
 ) -> None:
     """The resolved config, the manifest, each run's link into the store (rundir.link_run) and
-    each new run's spec.json (kept if present: the trainer's has more)."""
+    each new run's spec.json (kept if present: the trainer's has more). config.yaml is the
+    latest; a copy per distinct config is never overwritten (rundir.write_config)."""
     runs_root = Path(runs_root) if runs_root is not None else sweep_dir / rundir.RUNS
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(sweep_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    rundir.write_config(sweep_dir, resolved_config(cfg))
     rundir.write_manifest(
         sweep_dir,
         {
@@ -401,10 +443,20 @@ def record_sweep(
             rundir.write_spec(path, spec)
 
 
+def resolved_config(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def record_submission(
-    setup: Setup, run_ids: Sequence[str], sub: executors.Submitted, **extra: Any
+    setup: Setup,
+    run_ids: Sequence[str],
+    sub: executors.Submitted,
+    cfg: Any = None,
+    **extra: Any,
 ) -> None:
-    """One line of submissions.jsonl per submitting call (status reads the last one)."""
+    """One line of submissions.jsonl per submitting call (status reads the last one): what went
+    out, the command line's overrides, the resolved config's copy (`cfg`), the submitting
+    checkout's provenance and the snapshot the jobs run (SLURM; local/debug run the checkout)."""
     rundir.append_submission(
         setup.sweep_dir,
         {
@@ -415,5 +467,9 @@ def record_submission(
             "run_ids": list(run_ids),
             "job_ids": list(sub.job_ids),
             "batch_calls": sub.batch_calls,
+            "overrides": list(setup.overrides),
+            "config": rundir.config_copy(resolved_config(cfg)) if cfg is not None else None,
+            "provenance": dict(setup.provenance),
+            "code": str(sub.code) if sub.code is not None else None,
         },
     )

@@ -27,6 +27,7 @@ from steplaw_train.sweep import guided
 from steplaw_train.sweep.common import (
     SweepResult,
     check_data,
+    code_line,
     disk_line,
     dry_run_data,
     plain,
@@ -45,6 +46,7 @@ def sweep(cfg: Any, out=sys.stdout, overrides: Sequence[str] = ()) -> SweepResul
     `overrides` are the command line's (a grid axis's field overridden there is refused)."""
     setup = setup_from_cfg(cfg, overrides)
     print(f"megatron configs built for {setup.model_shapes} model shape(s)", file=out)
+    print(code_line(setup), file=out)
     search = plain(cfg.get("search"))
     if str(search.get("name", "full")) != "full":  # search=guided
         result = guided.run(cfg, setup, out)
@@ -87,7 +89,7 @@ def _submit(cfg: Any, setup, out) -> SweepResult:
         check_data(todo, setup.options)
     record_sweep(setup.sweep_dir, cfg, specs, setup.runs_root)
     sub = launcher.submit(todo)
-    record_submission(setup, sub.run_ids, sub)
+    record_submission(setup, sub.run_ids, sub, cfg)
     skipped = f", {len(sub.skipped)} skipped (taken elsewhere)" if sub.skipped else ""
     print(
         f"submitted {len(sub.run_ids)} runs ({sub.batch_calls} job arrays) to {launcher.name}"
