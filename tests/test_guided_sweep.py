@@ -273,7 +273,7 @@ def test_guided_on_slurm_returns_after_each_round_then_waits(tmp_path, data_root
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb"))  # jobs inherit the environment
     sw, grid = tmp_path / "sw", GRID2x4.replace("tokens:[4096,8192]", "tokens:[4096]")
-    over = ("launcher=slurm", "search=guided", "++launcher.signal_delay_s=30")
+    over = ("launcher=slurm", "search=guided", "++launcher.signal_delay_s=30", "allow_dirty=true")
     first = sweep(cfg_for(sw, data_root, grid, *over), out=io.StringIO())
     assert not first.done and len(first.submitted) == 1 and first.batch_calls == 1
     again = sweep(cfg_for(sw, data_root, grid, *over), out=io.StringIO())

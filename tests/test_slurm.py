@@ -84,6 +84,9 @@ def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
                 "launcher=slurm",
                 f"sweep_dir={sweep_dir}",
                 f"options.data_root={data_root}",
+                # submitted from the checkout under test, which may hold uncommitted work; the
+                # refusal of a dirty tree is tests/test_provenance.py's and test_slurm_provenance.py's
+                "allow_dirty=true",
                 *slurm_only,
                 *overrides,
             ],
