@@ -82,14 +82,20 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def write_scripts(
-    chunks: Sequence[ArrayChunk], lc: Mapping[str, Any], logs: Path, name: str, out_dir: Path
+    chunks: Sequence[ArrayChunk],
+    lc: Mapping[str, Any],
+    logs: Path,
+    name: str,
+    out_dir: Path,
+    code: tuple[Path, str] | None = None,
 ) -> list[Path]:
-    """One sbatch script per job array, plus `arrays.json`: which runs each array holds."""
+    """One sbatch script per job array, plus `arrays.json`: which runs each array holds.
+    `code`: the snapshot the submission would make and its PYTHONPATH (sbatch.render)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, index = [], []
     for i, chunk in enumerate(chunks):
         path = out_dir / sbatch.file_name(chunk, i)
-        write_text(path, sbatch.render(chunk, lc, logs, name))
+        write_text(path, sbatch.render(chunk, lc, logs, name, code))
         paths.append(path)
         index.append(
             {

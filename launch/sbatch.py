@@ -12,16 +12,27 @@ from typing import Any
 
 import submitit
 
-from launch.executors import ArrayChunk, slurm_parameters
+from launch.executors import ArrayChunk, run_in_snapshot, slurm_parameters
 
 # what submitit puts after `srun ... python -u -m submitit.core._submit` (the pickles' folder)
 COMMAND = "python -u -m submitit.core._submit"
 
 
-def render(chunk: ArrayChunk, lc: Mapping[str, Any], logs: Path, name: str) -> str:
-    """The sbatch script for `chunk` (an array of len(chunk.run_ids) tasks) under `logs`."""
+def render(
+    chunk: ArrayChunk,
+    lc: Mapping[str, Any],
+    logs: Path,
+    name: str,
+    code: tuple[Path, str] | None = None,
+) -> str:
+    """The sbatch script for `chunk` (an array of len(chunk.run_ids) tasks) under `logs`;
+    `code` = (snapshot dir, PYTHONPATH) adds the lines that make the job run that snapshot
+    (executors.run_in_snapshot), as a submission does."""
     ex = submitit.AutoExecutor(folder=logs, cluster="slurm")
-    ex.update_parameters(name=name, **slurm_parameters(chunk.resources, lc))
+    params = slurm_parameters(chunk.resources, lc)
+    if code is not None:
+        params = run_in_snapshot(params, *code)
+    ex.update_parameters(name=name, **params)
     ex._executor.parameters["map_count"] = len(chunk.run_ids)  # what map_array sets
     return ex._executor._make_submission_file_text(f"{COMMAND} {logs}", "UID")
 

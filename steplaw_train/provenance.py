@@ -293,7 +293,7 @@ def snapshot(code_dir: Path, root: Path | None = None, allow_dirty: bool = False
     Written as a temporary directory renamed into place, so a half-copied snapshot is never
     used. The tree's state is read before and after the copy: a file changing meanwhile would
     make the copy match neither, so that is refused. A dirty tree is refused unless
-    `allow_dirty` (check_clean)."""
+    `allow_dirty` (check_clean). Its files are read-only (Python may still add __pycache__)."""
     root = Path(root) if root is not None else code_root()
     before = read_snapshot_state(root) or git_state(root)
     check_clean(before, allow_dirty)
@@ -311,6 +311,7 @@ def snapshot(code_dir: Path, root: Path | None = None, allow_dirty: bool = False
             os.symlink(os.readlink(src), dst)
         else:
             shutil.copy2(src, dst)
+            os.chmod(dst, dst.stat().st_mode & ~0o222)  # a snapshot is a record: read-only
     after = read_snapshot_state(root) or git_state(root)
     if after.key != before.key:
         shutil.rmtree(tmp, ignore_errors=True)

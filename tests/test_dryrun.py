@@ -42,6 +42,7 @@ def test_dry_run_lists_runs_and_renders_the_sbatch_scripts(tmp_path):
         assert path.name == entry["script"]
         assert f"#SBATCH --array=0-{len(entry['run_ids']) - 1}%" in text
         assert "#SBATCH --partition=gpu" in text
+        assert f"#SBATCH --chdir={tmp_path / 'sw' / 'code'}/" in text  # the submission's snapshot
         minutes = int(text.split("#SBATCH --time=")[1].split()[0])
         assert minutes <= 1440 and {by_id[r] for r in entry["run_ids"]} == {entry["resources"]}
     json_cfg = sweep_cfg(

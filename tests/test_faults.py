@@ -250,6 +250,7 @@ def test_override_of_a_grid_axis_is_refused_naming_the_axis(override, axis):
     [
         ("max_retries=-1", "max_retries"),
         ("dry_run=maybe", "dry_run"),
+        ("allow_dirty=maybe", "allow_dirty"),
         ("resources.peak_tflops=0", "resources.peak_tflops"),
         ("launcher.parallelism=0", "launcher.parallelism"),
         ("options.keep_checkpoints=0", "options.keep_checkpoints"),

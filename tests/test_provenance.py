@@ -110,6 +110,7 @@ def test_snapshot_holds_the_tree_and_is_shared_by_identical_code(repo, tmp_path)
     commit = git(repo, "rev-parse", "HEAD")
     assert snap == code / commit[:12]
     assert (snap / "pkg" / "a.py").read_text() == "A = 1\n"
+    assert not (snap / "pkg" / "a.py").stat().st_mode & 0o222  # read-only
     doc = json.loads((snap / pv.PROVENANCE).read_text())
     assert doc["commit"] == commit and doc["dirty"] is False and doc["key"] == commit[:12]
     assert pv.read_snapshot_state(snap).commit == commit

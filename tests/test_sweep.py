@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
+from steplaw_train import provenance
 from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import status as status_cli
@@ -62,9 +63,13 @@ def test_local_sweep_is_idempotent(tmp_path, data_root, capsys):
     sw = tmp_path / "sw"
     res = sweep(cfg_for(sw, data_root, "launcher=local"))
     assert len(res.submitted) == 2 and res.failed == ()
+    code = provenance.git_state(provenance.code_root())
     for rid in res.submitted:
         result = json.loads((sw / "runs" / rid / "result.json").read_text())
         assert result["status"] == "done" and result["run_id"] == rid
+        # local jobs train the checkout itself and say which commit, dirty or not, it was
+        prov = result["provenance"]
+        assert (prov["commit"], prov["dirty"], prov["key"]) == (code.commit, code.dirty, code.key)
     c = counts(sw)
     assert (c["done"], c["pending"], c["submitted_last"]) == (2, 0, 2)
     assert (sw / "config.yaml").exists()

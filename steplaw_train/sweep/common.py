@@ -133,7 +133,12 @@ def write_dry_run_files(
         chunks = executors.plan_arrays(todo, rm, max_array, setup.options.micro_batch_size)
         where = Path(str(cfg.dry_run_sbatch)).expanduser()
         name = f"steplaw_{setup.sweep_dir.name}"
-        paths = dryrun.write_scripts(chunks, lc, setup.sweep_dir / "logs", name, where)
+        code = None
+        if setup.code is not None:  # the snapshot a submission would make now (not made here)
+            snap = setup.sweep_dir / rundir.CODE / setup.code.key
+            code = (snap, executors.snapshot_pythonpath(snap, provenance.code_root()))
+        logs = setup.sweep_dir / "logs"
+        paths = dryrun.write_scripts(chunks, lc, logs, name, where, code)
         print(f"{len(paths)} sbatch scripts (one per job array) in {where}", file=out)
 
 
