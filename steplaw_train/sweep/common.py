@@ -448,6 +448,16 @@ def record_sweep(
             rundir.write_spec(path, spec)
 
 
+def submitted_provenance(setup: Setup, sub: executors.Submitted) -> dict[str, Any]:
+    """The checkout's provenance as recorded at setup, or as its snapshot says when the tree
+    changed between the two (the snapshot is what the jobs run)."""
+    prov = dict(setup.provenance)
+    snap = provenance.read_snapshot_state(Path(sub.code)) if sub.code is not None else None
+    if snap is not None and snap.key != prov.get("key"):
+        prov.update(replace(snap, source="git").to_dict())
+    return prov
+
+
 def resolved_config(cfg: Any) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
@@ -474,7 +484,7 @@ def record_submission(
             "batch_calls": sub.batch_calls,
             "overrides": list(setup.overrides),
             "config": rundir.config_copy(resolved_config(cfg)) if cfg is not None else None,
-            "provenance": dict(setup.provenance),
+            "provenance": submitted_provenance(setup, sub),
             "code": str(sub.code) if sub.code is not None else None,
         },
     )
