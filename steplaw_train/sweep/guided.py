@@ -393,7 +393,9 @@ class Driver:
         self.submitted += sub.run_ids
         self.job_ids += sub.job_ids
         self.calls += sub.batch_calls
-        record_submission(self.setup, sub.run_ids, sub, self.cfg, search="guided", round=self.rounds)
+        record_submission(
+            self.setup, sub.run_ids, sub, self.cfg, search="guided", round=self.rounds
+        )
         print(
             f"round {self.rounds}: submitted {len(sub.run_ids)} runs to {self.setup.launcher.name}",
             file=self.out,
