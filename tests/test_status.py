@@ -38,6 +38,7 @@ def cfg_for(sweep_dir, data_root, *overrides):
                 "+grid=tiny",
                 BLOCK,
                 f"sweep_dir={sweep_dir}",
+                f"runs_root={sweep_dir}/runs",  # the sweep's own runs: copy_of copies them
                 f"options.data_root={data_root}",
                 *overrides,
             ],
