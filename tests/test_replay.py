@@ -274,6 +274,27 @@ def test_guided_dominates_the_hill_climbs_on_the_released_table(dense):
         assert guided["mean_gap_permille"] <= hc["mean_gap_permille"], name
 
 
+def test_a_cell_that_contradicts_its_prior_runs_its_best_points_neighbours(tmp_path):
+    """A new family whose runs favour the "differs" bowl (Outcome.wide > DISAGREE) must not stop
+    on the model's word: every axis neighbour of its best run is run first. Train draw 6 of
+    moe-asym-Na (the bench's seed): before, the 8-expert top-3 model's first cell stopped after 7
+    runs at a 2.09‰ gap stating P(found) 0.98, its better larger-bs neighbour untried."""
+    from steplaw_train.search.state import DISAGREE
+
+    grids = build_grid(read_table(str(_moe_csv(tmp_path, 955728255, follows="Na",
+                                               bowls=("asymmetric",)))))  # fmt: skip
+    reports, _, state = replay_grids(grids, SearchConfig())
+    disagreeing = [o for o in state.outcomes if o.wide > DISAGREE]
+    assert disagreeing
+    for o in disagreeing:
+        cell = state.cell(o.cell)
+        best, _ = state.best(o.cell)
+        cap = math.ceil(state.config.max_runs_frac * len(cell.points))
+        nb = axis_neighbours(cell.coords(), best)
+        assert set(nb) <= set(state.results[o.cell]) or state.runs(o.cell) >= cap
+    assert max(r.gap_permille for r in reports) <= 0.5
+
+
 def test_p_found_is_not_overconfident_on_a_synthetic_moe_release(tmp_path):
     """The stated per-cell P(found) must not exceed the share of cells that ended within the
     plateau by more than 0.1 (averaged over 3 draws of 16 cells: its own calibration)."""

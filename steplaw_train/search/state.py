@@ -35,6 +35,11 @@ from steplaw_train.search.config import SearchConfig
 from steplaw_train.search.transfer import Outcome
 
 NEIGHBOUR_SPLIT = 4  # a neighbour is ruled out when it carries < epsilon / 4 (four of them)
+# A cell whose own runs favour the "differs from the finished cells" bowl (its weight above this:
+# the runs' evidence is stronger for it than for the transferred prior) does not let the model
+# rule its best's axis neighbours out: the model's confidence there rests on a prior the cell
+# has just contradicted, so it runs them, as a hill-climb would, before it stops.
+DISAGREE = 0.5
 
 
 @dataclass(frozen=True)
@@ -225,10 +230,12 @@ class SearchState:
         eps = self.epsilon(cell)
         if a.p_any < eps and int(ran.sum()) >= cfg.min_runs:
             # what a hill-climb would still run: the best's untried axis neighbours, unless the
-            # evidence against each is strong (together the four would carry less than eps)
+            # evidence against each is strong (together the four would carry less than eps) and
+            # the cell's runs agree with the prior that evidence leans on
             p_of = dict(zip(a.candidates, a.p_each, strict=True))
             nb = [i for i in bowl.axis_neighbours(z, a.best) if not ran[i]]
-            nb = [i for i in nb if p_of[i] >= eps / NEIGHBOUR_SPLIT]
+            if a.wide <= DISAGREE:
+                nb = [i for i in nb if p_of[i] >= eps / NEIGHBOUR_SPLIT]
             return sorted(nb, key=lambda i: -p_of[i])[:room]
         picks = list(a.candidates[:room])
         if cfg.tau > 0:
