@@ -23,10 +23,8 @@ BLOCK = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.004],b
 
 
 @pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def one_thread(monkeypatch):
+    """Offline wandb comes from conftest.py (the module's fixture sweep sets its own)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
