@@ -37,7 +37,10 @@ class SearchConfig:
     widen: float = 3.0  # optimum sd multiplier of the "differs from the family" prior
     neighbour_cost: float = 0.0  # cells whose run cost ≤ this × mean always run best's neighbours
     tau: float = 0.0
-    min_runs: int = 1  # every cell runs at least this many points
+    # Every cell runs at least this many points (its grid allowing): two runs cannot have
+    # compared the best along both axes, and on the MoE-format tables the expensive cells that
+    # stopped at two runs were the ones stating P(found) 0.5-0.75 (docs/search.md).
+    min_runs: int = 3
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
