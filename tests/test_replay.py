@@ -71,13 +71,15 @@ def test_chosen_point_was_run_and_gap_is_measured(dense):
 
 @needs_data
 def test_parallel_cells_trade_gpu_hours_for_rounds(dense):
-    """Searching two cells at once halves the rounds (wall-clock) for a little more compute:
-    the second cell of a pair starts without what the first would have taught it."""
+    """Searching two cells at once halves the rounds (wall-clock) at about the same compute:
+    the second cell of a pair starts without what the first would have taught it. (Not always
+    more: both cells of the first pair start with no pooled curvature and so propose only next
+    to their runs, which on the released table makes the pair 4.83% against sequential 4.85%.)"""
     _, one, _ = replay(dense, SearchConfig())
     _, two, _ = replay(dense, SearchConfig(parallel_cells=2, batch=2))
     assert one["rounds"] == one["runs"]  # one run per round when sequential
     assert two["rounds"] <= 0.5 * one["rounds"]
-    assert one["gpu_hours_fraction"] <= two["gpu_hours_fraction"] <= 0.06
+    assert one["gpu_hours_fraction"] - 0.002 <= two["gpu_hours_fraction"] <= 0.06
     assert two["max_gap_permille"] <= 0.5
 
 

@@ -417,3 +417,27 @@ def test_a_lone_noisy_cell_does_not_claim_a_miss_as_found():
     found = state.best("demo")[1] == min(DEMO_LOSSES.values())
     assert found or state.outcome("demo").p_found < 0.5
     assert state.runs("demo") <= 6  # the cap: half the grid
+
+
+def test_a_first_cell_proposes_only_next_to_its_runs():
+    """A cell with no finished cell to pool curvature from has the default, near-round bowl
+    prior; on a diagonal valley its far-corner odds are extrapolation, so it proposes only within
+    one grid step of a run (unrestricted, the fifth run here jumps two lr steps away)."""
+    cell = make_cell("solo", 3e8, 1e10)
+    opt = steplaw_opt(3e8, 1e10)
+    h = np.array([[0.013, -0.0115], [-0.0115, 0.012]])
+
+    def valley(p):
+        u = np.array([math.log(p.lr / opt[0]), math.log(p.bs / opt[1])])
+        return 2.0 * (1 + 0.5 * u @ h @ u)
+
+    state = SearchState.create([cell], SearchConfig())
+    z = cell.coords()
+    while not state.done:
+        props = propose(state)
+        ran = set(state.results["solo"])
+        if ran:
+            near = {j for i in ran for j in grid_neighbours(z, i)}
+            assert all(p.index in near for p in props), (sorted(ran), props)
+        state = state.with_results({p: valley(p) for p in props})
+    assert state.runs("solo") >= 3

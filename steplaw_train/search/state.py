@@ -9,7 +9,8 @@ each explains the cell's own runs (their evidence). So a cell that disagrees wit
 before it moves weight to the wide bowl by itself, and the wide bowl keeps its share until the
 runs around the best rule it out.
 
-Next run: the untried grid point most likely to beat the best run by more than `plateau`.
+Next run: the untried grid point most likely to beat the best run by more than `plateau` (in a
+cell that starts with no pooled curvature, among the points within one grid step of its runs).
 Stop: when the probability that *some* untried point does is below `epsilon` (1 − it is the
 cell's reported probability of having found its optimum), or at `max_runs_frac` of its grid.
 The chosen point is the best run the search actually ran.
@@ -237,7 +238,10 @@ class SearchState:
             if a.wide <= DISAGREE:
                 nb = [i for i in nb if p_of[i] >= eps / NEIGHBOUR_SPLIT]
             return sorted(nb, key=lambda i: -p_of[i])[:room]
-        picks = list(a.candidates[:room])
+        picks = list(a.candidates)
+        if not transfer.curvature_known(self._done_before(cell)):
+            picks = _near_runs(z, ran, picks)
+        picks = picks[:room]
         if cfg.tau > 0:
             post = bowl.fit(self.prior_for(cell), z[usable], y[usable], cfg.outlier_scale)
             mu, sd = post.predict(z)
@@ -343,6 +347,23 @@ def _enc(v: float) -> float | str:
 
 def _dec(v: float | str) -> float:
     return float(v)
+
+
+def _near_runs(z: np.ndarray, ran: np.ndarray, candidates: list[int]) -> list[int]:
+    """The candidates within one grid step (the 3×3 block) of some run, in their order (all of
+    them when none is).
+
+    Used for cells that start with no finished cell carrying curvature (the sweep's first
+    cells): their curvature prior is the default, near-round bowl, which cannot bend along a
+    diagonal valley, and a far candidate's high improvement odds there are extrapolation
+    variance, not evidence (on moe-valley-Na the first cell's fifth run was often the window's
+    far corner, and the cell then stopped at P(found) 0.97-0.99 some 1.4-3.5 permille above the
+    minimum). Near the runs the quadratic holds. Later cells, whose curvature prior is pooled
+    from finished cells, propose from the whole grid: restricting every cell trips the dense
+    table without a prior (docs/search.md, round 2026-12-02c).
+    """
+    near = {j for i in np.flatnonzero(ran) for j in bowl.grid_neighbours(z, int(i))}
+    return [i for i in candidates if i in near] or candidates
 
 
 def propose(state: SearchState) -> list[Proposal]:

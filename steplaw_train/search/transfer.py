@@ -131,6 +131,11 @@ def law_prior(
     return (means[0], means[1]), (sds[0], sds[1])
 
 
+def curvature_known(done: Sequence[tuple[Cell, Outcome]]) -> bool:
+    """Whether some finished cell carries curvature information (else the prior is the default)."""
+    return any(o.h is not None and o.h_var is not None for _, o in done)
+
+
 def curvature_prior(done: Sequence[tuple[Cell, Outcome]]) -> tuple[np.ndarray, np.ndarray]:
     """Pooled curvature of finished cells (precision-weighted), widened by the between-cell spread."""
     prec = 1.0 / np.square(DEFAULT_H_SD)
