@@ -37,7 +37,7 @@ def test_every_grid_preset_expands(name):
 
 def test_demo_grid_shape():
     specs = expand_from_cfg(sweep_cfg("+grid=demo"))
-    assert len(specs) == 48
+    assert len(specs) == 2 * 2 * 3 * 3  # N x D x LR x BS (docs and test_demo_report rely on it)
     assert len({s.N for s in specs}) >= 2 and len({s.D for s in specs}) >= 2
     assert {g.cell_key(s) for s in specs} == {
         (m, "demo", d) for m in ("demo_dense_small", "demo_dense") for d in (150000, 300000)
