@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import random
 import re
 import shutil
@@ -39,7 +40,6 @@ import torch
 import torch.distributed as dist
 
 from steplaw_train import rundir
-from steplaw_train.shield import helper_initializer
 
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -207,7 +207,7 @@ def save_model(run_dir: Path, model, step: int) -> Path:
     if dist.is_initialized():
         dist.barrier()
     sd = {"model": model.module.sharded_state_dict()}
-    start_writer_process()
+    use_in_process_results_queue()
     with save_errors_named(path):
         dist_checkpointing.save(sd, str(path), sharded_strategy=_save_strategy())
     if dist.is_initialized():
@@ -279,7 +279,7 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep: in
     sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = asdict(state)
     sd["rng"] = _rng_state()
-    start_writer_process()
+    use_in_process_results_queue()
     with save_errors_named(path):
         dist_checkpointing.save(
             sd, str(path), sharded_strategy=_save_strategy(), content_metadata=_SHARDING
@@ -467,42 +467,21 @@ def remove_incomplete(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def start_writer_process() -> None:
-    """Start the Manager megatron's torch_dist writer reports through, shielded (shield.py).
+def use_in_process_results_queue() -> None:
+    """Give megatron's torch_dist writer an in-process queue for its write results.
 
-    megatron starts it lazily at the first save (a spawn-context Manager's Queue, the same
-    object built here); unshielded, the job's signal killed it and the checkpoint the trainer
-    then saved failed with BrokenPipeError (CI cluster, partition preemption), so the job failed
-    instead of being requeued.
-    """
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    manager = getattr(filesystem_async._results_queue, "_manager", None)
-    if manager is not None and not manager._process.is_alive():
-        # it dies with the thread that started it (PR_SET_PDEATHSIG): a run on a thread that
-        # has ended leaves a dead manager behind; start a new one
-        filesystem_async._results_queue = None
-    if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        # deaf to the job's signals, but SIGKILLed by the kernel when the trainer dies
-        manager.start(initializer=helper_initializer, initargs=(os.getpid(),))
-        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-
-def stop_writer_processes() -> None:
-    """Shut down the multiprocessing Manager megatron's torch_dist writer keeps for its results.
-
-    It is only stopped by an atexit hook, which a process dying of a re-raised SIGTERM never runs:
-    the Manager would be orphaned and live on. Call before handing a signal on.
+    At its first save megatron builds a spawn-context multiprocessing Manager to carry the write
+    results from its writer processes back to the trainer. That is needed only for an async
+    save (the writing then runs in a forked child); our saves are synchronous: the trainer
+    process itself collects its forked writers' results, puts them in the queue and reads them
+    back (filesystem_async.write_preloaded_data_multiproc, retrieve_write_results). A
+    `queue.Queue` does that without a second Python process, which cost ~2.6 s of CPU per run
+    (the spawned Manager re-imports the trainer's modules; 36 demo runs, ~150 in the tests), had
+    to be shielded from the job's signals (killed by SLURM's SIGTERM, it made the
+    checkpoint-on-signal fail with BrokenPipeError) and could be orphaned (only an atexit hook
+    stopped it).
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    queue = filesystem_async._results_queue
-    manager = getattr(queue, "_manager", None)
-    if manager is not None:
-        with contextlib.suppress(Exception):
-            manager.shutdown()
-    filesystem_async._results_queue = None
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()

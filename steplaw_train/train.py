@@ -228,7 +228,6 @@ class SignalFlag:
                 file=sys.stderr,
                 flush=True,
             )
-            ckpt.stop_writer_processes()
             mx.stop_wandb_service()
             os.kill(os.getpid(), signum)
             time.sleep(5)  # a Python-level handler runs at the next bytecode; default kills us

@@ -200,7 +200,7 @@ def test_load_takes_the_sharding_type_from_the_checkpoint(data_root, tmp_path):
         sd["train_state"] = {"step": 0, "consumed_samples": 0}
         sd["rng"] = ckpt._rng_state()
         path.mkdir(parents=True)
-        ckpt.start_writer_process()
+        ckpt.use_in_process_results_queue()
         dist_checkpointing.save(sd, str(path), content_metadata=old)
         assert ckpt.sharding_metadata(path) == old
         with pytest.raises(KeyError) as err:
