@@ -22,8 +22,9 @@ is recorded (with the tail of the child's stderr) instead of stopping the check.
 Parts run in this order (most wanted figures first); one that would not fit in what is left of
 the budget is recorded as skipped.
 
-`--cpu-smoke` runs the same code paths on tiny CPU shapes (a test does, in < 2 minutes); its
-figures say nothing about a GPU.
+`--cpu-smoke` runs the same code paths on tiny CPU shapes (a test does, in < 2 minutes; MoE: one
+preset per router kind, top-1 and top-k, instead of every preset); its figures say nothing
+about a GPU.
 """
 
 from __future__ import annotations
@@ -349,11 +350,16 @@ def part_moe(mode: str, tmp: Path, budget: Budget, common: dict) -> dict:
     from steplaw_train.config import config_dir, model_from_cfg
 
     seq, bs, micro, steps = MOE_STEPS[mode]
-    out: dict = {}
-    for path in sorted((config_dir() / "model").glob("moe_*.yaml")):
-        import yaml
+    import yaml
 
-        full = model_from_cfg(yaml.safe_load(path.read_text()))
+    out: dict = {}
+    presets = {p: model_from_cfg(yaml.safe_load(p.read_text())) for p in
+               sorted((config_dir() / "model").glob("moe_*.yaml"))}  # fmt: skip
+    if mode == "cpu":  # one preset per router kind (top-1, top-k): the code paths, not shapes
+        # (tests/test_gpu_path.py trains every preset shrunk, in one process)
+        kinds = {m.moe.topk == 1: p for p, m in reversed(presets.items())}
+        presets = {p: presets[p] for p in sorted(kinds.values())}
+    for path, full in presets.items():
         if mode == "gpu":
             over = {"layers": moe_fit(full, common.get("memory_gb"))}
         else:  # CPU size; router settings unchanged

@@ -43,7 +43,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert t["vocab"] == 32000 and t["tokens_per_s_full"] > 0 and t["tokens_per_s_bare"] > 0
     assert t["flops_per_token"] > t["N"] * 6  # M plus the 6 V h LM head
     moe = {k: v for k, v in parts["moe"].items() if k.startswith("moe_")}
-    assert len(moe) == len(list((REPO / "configs" / "model").glob("moe_*.yaml")))
+    assert {name.endswith("_k1") for name in moe} == {True, False}  # top-1 and top-k routers
     for name, entry in moe.items():
         assert entry["status"] == "ok" and entry["steps"] > 0, name
         assert entry["flags"]["moe_router_pre_softmax"] == name.endswith("_k1"), name
