@@ -353,12 +353,14 @@ def part_moe(mode: str, tmp: Path, budget: Budget, common: dict) -> dict:
     import yaml
 
     out: dict = {}
-    presets = {p: model_from_cfg(yaml.safe_load(p.read_text())) for p in
-               sorted((config_dir() / "model").glob("moe_*.yaml"))}  # fmt: skip
+    paths = sorted((config_dir() / "model").glob("moe_*.yaml"))
+    presets = {p: model_from_cfg(yaml.safe_load(p.read_text())) for p in paths}
     if mode == "cpu":  # one preset per router kind (top-1, top-k): the code paths, not shapes
         # (tests/test_gpu_path.py trains every preset shrunk, in one process)
-        kinds = {m.moe.topk == 1: p for p, m in reversed(presets.items())}
-        presets = {p: presets[p] for p in sorted(kinds.values())}
+        first: dict[bool, Path] = {}
+        for p, m in presets.items():
+            first.setdefault(m.moe.topk == 1, p)
+        presets = {p: presets[p] for p in sorted(first.values())}
     for path, full in presets.items():
         if mode == "gpu":
             over = {"layers": moe_fit(full, common.get("memory_gb"))}

@@ -476,7 +476,7 @@ def use_in_process_results_queue() -> None:
     process itself collects its forked writers' results, puts them in the queue and reads them
     back (filesystem_async.write_preloaded_data_multiproc, retrieve_write_results). A
     `queue.Queue` does that without a second Python process, which cost ~2.6 s of CPU per run
-    (the spawned Manager re-imports the trainer's modules; 36 demo runs, ~150 in the tests), had
+    (the spawned Manager re-imports the trainer's modules), had
     to be shielded from the job's signals (killed by SLURM's SIGTERM, it made the
     checkpoint-on-signal fail with BrokenPipeError) and could be orphaned (only an atexit hook
     stopped it).
