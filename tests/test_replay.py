@@ -26,7 +26,7 @@ from analysis.replay import (
     replay_grids,
 )
 from analysis.table import TableExecutor, build_grid, run_costs, snap
-from steplaw_train.search import Proposal, SearchConfig, axis_neighbours
+from steplaw_train.search import Proposal, SearchConfig, axis_neighbours, grid_neighbours
 
 DENSE = collect.released_dense_csv()
 needs_data = pytest.mark.skipif(not DENSE.is_file(), reason=f"released data not found at {DENSE}")
@@ -72,14 +72,15 @@ def test_chosen_point_was_run_and_gap_is_measured(dense):
 @needs_data
 def test_parallel_cells_trade_gpu_hours_for_rounds(dense):
     """Searching two cells at once halves the rounds (wall-clock) at about the same compute:
-    the second cell of a pair starts without what the first would have taught it. (Not always
-    more: both cells of the first pair start with no pooled curvature and so propose only next
-    to their runs, which on the released table makes the pair 4.83% against sequential 4.85%.)"""
+    the second cell of a pair starts without what the first would have taught it. Not always
+    more compute: on the released table the pairs spend 4.73% against sequential 4.97%, and pay
+    in gap instead (max 0.447‰ against 0.111‰; docs/search.md, "Rounds")."""
     _, one, _ = replay(dense, SearchConfig())
     _, two, _ = replay(dense, SearchConfig(parallel_cells=2, batch=2))
     assert one["rounds"] == one["runs"]  # one run per round when sequential
     assert two["rounds"] <= 0.5 * one["rounds"]
-    assert one["gpu_hours_fraction"] - 0.002 <= two["gpu_hours_fraction"] <= 0.06
+    assert abs(two["gpu_hours_fraction"] - one["gpu_hours_fraction"]) <= 0.005
+    assert two["gpu_hours_fraction"] <= 0.06
     assert two["max_gap_permille"] <= 0.5
 
 
@@ -278,7 +279,8 @@ def test_guided_dominates_the_hill_climbs_on_the_released_table(dense):
 
 def test_a_cell_that_contradicts_its_prior_runs_its_best_points_neighbours(tmp_path):
     """A new family whose runs favour the "differs" bowl (Outcome.wide > DISAGREE) must not stop
-    on the model's word: every axis neighbour of its best run is run first. Train draw 6 of
+    on the model's word: every grid point next to its best run (the 3×3 block, which holds the
+    axis neighbours a hill-climb checks) is run first. Train draw 6 of
     moe-asym-Na (the bench's seed): before, the 8-expert top-3 model's first cell stopped after 7
     runs at a 2.09‰ gap stating P(found) 0.98, its better larger-bs neighbour untried."""
     from steplaw_train.search.state import DISAGREE
@@ -292,7 +294,7 @@ def test_a_cell_that_contradicts_its_prior_runs_its_best_points_neighbours(tmp_p
         cell = state.cell(o.cell)
         best, _ = state.best(o.cell)
         cap = math.ceil(state.config.max_runs_frac * len(cell.points))
-        nb = axis_neighbours(cell.coords(), best)
+        nb = grid_neighbours(cell.coords(), best)
         assert set(nb) <= set(state.results[o.cell]) or state.runs(o.cell) >= cap
     assert max(r.gap_permille for r in reports) <= 0.5
 

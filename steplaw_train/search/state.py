@@ -12,7 +12,9 @@ runs around the best rule it out.
 Next run: the untried grid point most likely to beat the best run by more than `plateau` (in a
 cell that starts with no pooled curvature, among the points within one grid step of its runs).
 Stop: when the probability that *some* untried point does is below `epsilon` (1 − it is the
-cell's reported probability of having found its optimum), or at `max_runs_frac` of its grid.
+cell's reported probability of having found its optimum) and the best's neighbours are
+confirmed (its axis neighbours unless ruled out; its whole 3×3 block where the model cannot vouch
+for it), or at `max_runs_frac` of its grid.
 The chosen point is the best run the search actually ran.
 
 Driving it: `state = SearchState.create(cells, SearchConfig())`, then
@@ -38,9 +40,15 @@ from steplaw_train.search.transfer import Outcome
 NEIGHBOUR_SPLIT = 4  # a neighbour is ruled out when it carries < epsilon / 4 (four of them)
 # A cell whose own runs favour the "differs from the finished cells" bowl (its weight above this:
 # the runs' evidence is stronger for it than for the transferred prior) does not let the model
-# rule its best's axis neighbours out: the model's confidence there rests on a prior the cell
-# has just contradicted, so it runs them, as a hill-climb would, before it stops.
+# rule out any point next to its best: the model's confidence there rests on a prior the cell
+# has just contradicted.
 DISAGREE = 0.5
+# Where the model cannot vouch for the best's surroundings (the cell contradicts its
+# prior, or no finished cell has taught it a curvature and its bowl is the default near-round
+# one), a cell stops only once the best's whole 3×3 grid block has run: a point better than its
+# eight neighbours is a local minimum for a diagonal valley too, which the four axis neighbours
+# of a hill-climb are not. On moe-valley-Na the first cells had stopped after runs along one
+# edge row, 1.4-2.9‰ above the minimum, stating P(found) 0.98 (docs/search.md, 2026-12-03c).
 
 
 @dataclass(frozen=True)
@@ -230,13 +238,19 @@ class SearchState:
                 return nb[:room]
         eps = self.epsilon(cell)
         if a.p_any < eps and int(ran.sum()) >= cfg.min_runs:
-            # what a hill-climb would still run: the best's untried axis neighbours, unless the
-            # evidence against each is strong (together the four would carry less than eps) and
-            # the cell's runs agree with the prior that evidence leans on
             p_of = dict(zip(a.candidates, a.p_each, strict=True))
-            nb = [i for i in bowl.axis_neighbours(z, a.best) if not ran[i]]
-            if a.wide <= DISAGREE:
-                nb = [i for i in nb if p_of[i] >= eps / NEIGHBOUR_SPLIT]
+            if a.wide > DISAGREE or not transfer.curvature_known(self._done_before(cell)):
+                # the model cannot vouch for the best's surroundings (comment at DISAGREE):
+                # the best's whole untried 3×3 block runs first
+                nb = [i for i in bowl.grid_neighbours(z, a.best) if not ran[i]]
+            else:
+                # what a hill-climb would still run: the best's untried axis neighbours, unless
+                # the evidence against each is strong (the four together carry less than eps)
+                nb = [
+                    i
+                    for i in bowl.axis_neighbours(z, a.best)
+                    if not ran[i] and p_of[i] >= eps / NEIGHBOUR_SPLIT
+                ]
             return sorted(nb, key=lambda i: -p_of[i])[:room]
         picks = list(a.candidates)
         if not transfer.curvature_known(self._done_before(cell)):
