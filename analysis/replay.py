@@ -3,9 +3,11 @@
 `python -m analysis replay --data FILE --prior steplaw|none [--json]` turns every cell of a
 released table (dense or MoE schema, via `collect.read_released`) into a grid
 (`analysis.table`), lets `steplaw_train.search` drive a `TableExecutor` that "runs" a grid point
-by looking its loss up, and reports per cell: runs used / runs in the grid, GPU-hours fraction,
-the chosen point (the best run the search ran), its gap to the grid's minimum in per mille and
-the search's own probability that it found the cell's optimum.
+by looking its loss up, and reports per cell: runs used / runs in the grid, GPU-hours as a
+fraction of the cell's full grid and as a share of the whole table's (where the budget went:
+the shares add up to the total), the chosen point (the best run the search ran), its gap to
+the grid's minimum in per mille and the search's own probability that it found the cell's
+optimum.
 
 The same draws and cost model give the baselines, side by side:
   full_grid          every point (gap 0, all GPU-hours);
@@ -47,7 +49,8 @@ class CellReport:
     D: float
     runs: int
     grid_runs: int
-    gpu_hours_fraction: float
+    gpu_hours_fraction: float  # of this cell's full grid
+    gpu_hours_share: float  # of the whole table's full grid: where the budget went (sums to total)
     lr: float
     bs: float
     loss: float
@@ -82,6 +85,7 @@ def replay(
 
 def _reports(grids: Sequence[CellGrid], executor: TableExecutor, chosen, p_found=None):
     reports = []
+    cost_all = sum(g.total_cost for g in grids)
     for g in grids:
         i = chosen[g.cell.key]
         loss = g.losses[i]
@@ -92,6 +96,7 @@ def _reports(grids: Sequence[CellGrid], executor: TableExecutor, chosen, p_found
                 cell=g.cell.key, N=g.n, Na=g.na, D=g.cell.d,
                 runs=executor.runs_in(g.cell.key), grid_runs=g.total_runs,
                 gpu_hours_fraction=executor.cost_in(g.cell.key) / g.total_cost,
+                gpu_hours_share=executor.cost_in(g.cell.key) / cost_all,
                 lr=lr, bs=bs, loss=loss, grid_min_loss=g.losses[j],
                 gap_permille=1000.0 * (loss - g.losses[j]) / g.losses[j],
                 best_lr=g.cell.points[j][0], best_bs=g.cell.points[j][1],
@@ -214,15 +219,15 @@ def totals(reports: Sequence[CellReport], grids, executor: TableExecutor) -> dic
 
 def format_table(reports: Sequence[CellReport], tot: dict[str, float]) -> str:
     head = (
-        f"{'cell':<34} {'runs':>9} {'GPU-h':>7} {'chosen lr':>10} {'bs':>6} {'best lr':>10} "
-        f"{'bs':>6} {'gap‰':>6} {'P(found)':>8}"
+        f"{'cell':<34} {'runs':>9} {'GPU-h':>7} {'share':>6} {'chosen lr':>10} {'bs':>6} "
+        f"{'best lr':>10} {'bs':>6} {'gap‰':>6} {'P(found)':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in reports:
         lines.append(
             f"{r.cell:<34} {r.runs:>4}/{r.grid_runs:<4} {100 * r.gpu_hours_fraction:>6.1f}% "
-            f"{r.lr:>10.3g} {r.bs:>6g} {r.best_lr:>10.3g} {r.best_bs:>6g} {r.gap_permille:>6.2f} "
-            f"{r.p_found:>8.3f}"
+            f"{100 * r.gpu_hours_share:>5.2f}% {r.lr:>10.3g} {r.bs:>6g} {r.best_lr:>10.3g} "
+            f"{r.best_bs:>6g} {r.gap_permille:>6.2f} {r.p_found:>8.3f}"
         )
     lines.append("-" * len(head))
     lines.append(

@@ -104,9 +104,15 @@ def test_cli_json_is_deterministic(capsys):
     assert {"runs", "grid_runs", "gpu_hours_fraction", "lr", "bs", "gap_permille"} <= set(
         doc["cells"][0]
     )
+    # each cell's share of the table's GPU-hours: the shares add up to the total, and the
+    # costliest cell's few runs weigh more than the cheapest cell's many
+    shares = {c["cell"]: c["gpu_hours_share"] for c in doc["cells"]}
+    assert sum(shares.values()) == pytest.approx(doc["gpu_hours_fraction"])
+    cheap, dear = doc["cells"][0], max(doc["cells"], key=lambda c: c["N"] * c["D"])
+    assert cheap["runs"] > dear["runs"] and shares[cheap["cell"]] < shares[dear["cell"]]
     assert main(["--data", str(DENSE)]) == 0
     table = capsys.readouterr().out
-    assert "GPU-hours" in table and "N=1074M D=56.9B" in table
+    assert "GPU-hours" in table and "N=1074M D=56.9B" in table and "share" in table
 
 
 def test_lr_rounding_is_one_grid_point():
