@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_replay.py [--data FILE] [--split train|heldout|both]
         [--draws K] [--scenarios a,b] [--priors steplaw,none] [--set name=value ...] [--per-draw]
+        [--calibration]
 
 Why a protocol and not one number: the search's global knobs could have been fitted to the 17
 cells of the one released table. The acceptance targets must hold on cells never seen (other
@@ -211,7 +212,8 @@ def evaluate(
         found = [r.p_found for r in reports]
         hit = [r.gap_permille <= 1000 * config.plateau for r in reports]
         out.append({**tot, "hc_gh": hc["gpu_hours_fraction"], "hc_mean": hc["mean_gap_permille"],
-                    "p_found": float(np.mean(found)), "found": float(np.mean(hit))})  # fmt: skip
+                    "p_found": float(np.mean(found)), "found": float(np.mean(hit)),
+                    "cells": list(zip(found, hit, strict=True))})  # fmt: skip
         if scenario in NOISELESS:
             clean = NOISELESS[scenario](np.random.default_rng(s), grids)
             out[-1].update(noise_floor(tables, clean, reports))
@@ -291,6 +293,25 @@ def per_draw(prior: str, kind: str, tots: list[dict[str, float]]) -> str:
     return "    draws: " + "; ".join(cells)
 
 
+BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9)
+
+
+def calibration(cells: Sequence[tuple[float, bool]]) -> str:
+    """Reliability table of the stated P(found) against the share of cells that ended within
+    the plateau, by bin of P(found): a calibrated stop states what it then achieves, bin by
+    bin, not only on average (an average can hide over-confident expensive cells)."""
+    p = np.array([c[0] for c in cells])
+    hit = np.array([c[1] for c in cells], dtype=float)
+    lines = ["| stated P(found) | cells | mean stated | share found | found − stated |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for lo, hi in zip(BINS[:-1], BINS[1:], strict=True):
+        m = (p >= lo) & (p < hi)
+        if m.any():
+            lines.append(f"| {lo:.2f}–{min(hi, 1.0):.2f} | {int(m.sum())} | {p[m].mean():.3f} "
+                         f"| {hit[m].mean():.3f} | {hit[m].mean() - p[m].mean():+.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def parse_set(items: Sequence[str]) -> dict[str, object]:
     kw: dict[str, object] = {}
     for it in items:
@@ -309,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--law-n", default="N", choices=("N", "Na"), help="which N the law sees")
     p.add_argument("--set", nargs="*", default=[], help="SearchConfig overrides, name=value")
     p.add_argument("--per-draw", action="store_true", help="also print every draw's figures")
+    p.add_argument(
+        "--calibration", action="store_true", help="also print P(found)'s reliability per prior"
+    )
     args = p.parse_args(argv)
     grids = build_grid(read_table(args.data))
     splits = ("train", "heldout") if args.split == "both" else (args.split,)
@@ -319,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           "| noisy: true optimum meets gaps; true gap mean / max (median) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     t0 = time.perf_counter()
+    cells: dict[str, list[tuple[float, bool]]] = {}
     for name, (split, kind, _) in SCENARIOS.items():
         if split not in splits or (args.scenarios and name not in args.scenarios.split(",")):
             continue
@@ -330,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(fmt(label, prior, summary(prior, kind, tots)))
             if args.per_draw:
                 print(per_draw(prior, kind, tots))
+            cells.setdefault(prior, []).extend(c for t in tots for c in t["cells"])
             sys.stdout.flush()
+    if args.calibration:
+        for prior, cs in cells.items():
+            print(f"\nP(found) reliability, prior {prior}, every cell of every draw above:")
+            print(calibration(cs))
     print(f"\n{time.perf_counter() - t0:.1f} s")
 
 
