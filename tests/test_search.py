@@ -178,10 +178,12 @@ def test_non_rectangular_grid_and_neighbours():
         ({"max_runs_frac": 0}, "max_runs_frac"),
         ({"min_runs": 0}, "min_runs"),
         ({"parallel_cells": 0}, "parallel_cells"),
+        ({"batch": True}, "batch"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    """One line naming the field, the value given and what is allowed."""
+    with pytest.raises(ValueError, match=rf"^{field}: .* \(allowed: .+\)$"):
         SearchConfig(**kwargs)
 
 

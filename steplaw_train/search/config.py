@@ -45,22 +45,31 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
             raise ValueError(f"prior: {self.prior!r} (allowed: {', '.join(PRIORS)})")
+        # name → (holds, the allowed values as the error states them)
         checks = {
-            "epsilon": 0 < self.epsilon < 1,
-            "plateau": self.plateau >= 0,
-            "cost_power": self.cost_power >= 0,
-            "batch": isinstance(self.batch, int) and self.batch >= 1,
-            "parallel_cells": isinstance(self.parallel_cells, int) and self.parallel_cells >= 1,
-            "max_runs_frac": 0 < self.max_runs_frac <= 1,
-            "noise": self.noise > 0,
-            "outlier_scale": self.outlier_scale >= 0,
-            "law_scatter": self.law_scatter > 0,
-            "widen": self.widen >= 1,
-            "model_sd": self.model_sd >= 0,
-            "neighbour_cost": self.neighbour_cost >= 0,
-            "tau": self.tau >= 0,
-            "min_runs": isinstance(self.min_runs, int) and self.min_runs >= 1,
+            "epsilon": (0 < self.epsilon < 1, "0 < epsilon < 1"),
+            "plateau": (self.plateau >= 0, ">= 0"),
+            "cost_power": (self.cost_power >= 0, ">= 0"),
+            "batch": (_is_int(self.batch) and self.batch >= 1, "an integer >= 1"),
+            "parallel_cells": (
+                _is_int(self.parallel_cells) and self.parallel_cells >= 1,
+                "an integer >= 1",
+            ),
+            "max_runs_frac": (0 < self.max_runs_frac <= 1, "0 < max_runs_frac <= 1"),
+            "noise": (self.noise > 0, "> 0"),
+            "outlier_scale": (self.outlier_scale >= 0, ">= 0"),
+            "law_scatter": (self.law_scatter > 0, "> 0"),
+            "widen": (self.widen >= 1, ">= 1"),
+            "model_sd": (self.model_sd >= 0, ">= 0"),
+            "neighbour_cost": (self.neighbour_cost >= 0, ">= 0"),
+            "tau": (self.tau >= 0, ">= 0"),
+            "min_runs": (_is_int(self.min_runs) and self.min_runs >= 1, "an integer >= 1"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range")
+                raise ValueError(f"{name}: {getattr(self, name)!r} (allowed: {allowed})")
+
+
+def _is_int(value: object) -> bool:
+    """True for an int that is not a bool (True would otherwise pass as batch = 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
