@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from steplaw_train.spec import is_int
+
 PRIORS = ("steplaw", "none")
 
 
@@ -50,9 +52,9 @@ class SearchConfig:
             "epsilon": (0 < self.epsilon < 1, "0 < epsilon < 1"),
             "plateau": (self.plateau >= 0, ">= 0"),
             "cost_power": (self.cost_power >= 0, ">= 0"),
-            "batch": (_is_int(self.batch) and self.batch >= 1, "an integer >= 1"),
+            "batch": (is_int(self.batch) and self.batch >= 1, "an integer >= 1"),
             "parallel_cells": (
-                _is_int(self.parallel_cells) and self.parallel_cells >= 1,
+                is_int(self.parallel_cells) and self.parallel_cells >= 1,
                 "an integer >= 1",
             ),
             "max_runs_frac": (0 < self.max_runs_frac <= 1, "0 < max_runs_frac <= 1"),
@@ -63,13 +65,8 @@ class SearchConfig:
             "model_sd": (self.model_sd >= 0, ">= 0"),
             "neighbour_cost": (self.neighbour_cost >= 0, ">= 0"),
             "tau": (self.tau >= 0, ">= 0"),
-            "min_runs": (_is_int(self.min_runs) and self.min_runs >= 1, "an integer >= 1"),
+            "min_runs": (is_int(self.min_runs) and self.min_runs >= 1, "an integer >= 1"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"{name}: {getattr(self, name)!r} (allowed: {allowed})")
-
-
-def _is_int(value: object) -> bool:
-    """True for an int that is not a bool (True would otherwise pass as batch = 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
