@@ -1,11 +1,14 @@
-"""Shared fixtures: offline wandb in tmp dirs, one demo data root per session, tiny run specs."""
+"""Shared fixtures: offline wandb in tmp dirs, one demo data root per session, tiny run specs,
+and the sweep config as the CLI composes it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
+from steplaw_train.config import config_dir
 from steplaw_train.options import RunOptions
 from steplaw_train.spec import DataSpec, ModelSpec, MoESpec, RunSpec, TrainSpec
 
@@ -54,3 +57,18 @@ def tiny_options(data_root: Path, **kw) -> RunOptions:
         "wandb_mode": "offline",
     }
     return RunOptions(**{**base, **kw})
+
+
+def sweep_cfg(*overrides: str):
+    """The sweep config `python -m steplaw_train.sweep OVERRIDES` composes (the packaged
+    configs/, the same Hydra version base)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("sweep", overrides=list(overrides))
+
+
+def tiny_sweep_cfg(sweep_dir: Path, data_root: Path, *overrides: str):
+    """`sweep_cfg` on the tiny grid preset, in `sweep_dir`, reading the demo data from
+    `data_root`; a `grid.blocks=...` override in `overrides` replaces the preset's grid."""
+    return sweep_cfg(
+        "+grid=tiny", f"sweep_dir={sweep_dir}", f"options.data_root={data_root}", *overrides
+    )

@@ -12,7 +12,7 @@ import pytest
 from launch.resources import resource_class, resource_model
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import sweep
-from tests.test_grid import sweep_cfg
+from tests.conftest import sweep_cfg
 
 
 def test_dry_run_lists_runs_and_renders_the_sbatch_scripts(tmp_path):

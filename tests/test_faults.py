@@ -22,14 +22,12 @@ from pathlib import Path
 import psutil
 import pytest
 import submitit
-from hydra import compose, initialize_config_dir
 
 from launch import executors
 from launch.resources import resource_model
 from launch.status import RunStatus, run_state, sweep_states
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import grid as g
-from steplaw_train.config import config_dir
 from steplaw_train.options import validate_options
 from steplaw_train.rundir import read_metrics
 from steplaw_train.shield import STOPPED_ON_SIGNAL
@@ -37,7 +35,7 @@ from steplaw_train.spec import ModelSpec, SpecError, validate
 from steplaw_train.sweep import expand_from_cfg
 from steplaw_train.sweep.common import select
 from steplaw_train.train import check_memory, run
-from tests.conftest import tiny_options, tiny_spec
+from tests.conftest import sweep_cfg, tiny_options, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = {"tokens": 4 * 32 * 40}  # 40 steps; checkpoints at 10, 20, 30 (two kept)
@@ -229,20 +227,15 @@ def test_bad_grid_shapes_and_names_are_grid_errors(grid, field):
         g.expand(grid, None, "demo", BASE_TRAIN)
 
 
-def _sweep_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("sweep", overrides=list(overrides))
-
-
 @pytest.mark.parametrize(
     "override, axis",
     [("model.hidden=96", "model"), ("train.lr=0.1", "lr"), ("model=demo_dense", "model")],
 )
 def test_override_of_a_grid_axis_is_refused_naming_the_axis(override, axis):
-    cfg = _sweep_cfg("+grid=tiny", override)
+    cfg = sweep_cfg("+grid=tiny", override)
     with pytest.raises(g.GridError, match=rf"would be ignored: axis '{axis}'"):
         expand_from_cfg(cfg, [override])
-    assert expand_from_cfg(_sweep_cfg("+grid=tiny", "train.seq_len=64"), ["train.seq_len=64"])
+    assert expand_from_cfg(sweep_cfg("+grid=tiny", "train.seq_len=64"), ["train.seq_len=64"])
 
 
 @pytest.mark.parametrize(
@@ -260,7 +253,7 @@ def test_override_of_a_grid_axis_is_refused_naming_the_axis(override, axis):
 def test_sweep_refuses_bad_fields_before_writing(tmp_path, override, field):
     from steplaw_train.sweep import sweep
 
-    cfg = _sweep_cfg("+grid=tiny", "launcher=local", f"sweep_dir={tmp_path / 'sw'}", override)
+    cfg = sweep_cfg("+grid=tiny", "launcher=local", f"sweep_dir={tmp_path / 'sw'}", override)
     with pytest.raises(SpecError, match=rf"^{field}: "):
         sweep(cfg)
     assert not (tmp_path / "sw").exists()

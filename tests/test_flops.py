@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from launch.resources import device_hours, flops, resource_model
 from steplaw_train import flops as flops_mod
-from steplaw_train.config import config_dir
 from steplaw_train.distributed import World
 from steplaw_train.sweep import expand_from_cfg
 from steplaw_train.train import Meter
+from tests.conftest import sweep_cfg
 
 
 @pytest.fixture(scope="module")
 def dense_1b():
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("sweep", overrides=["+grid=dense_1b"])
+    cfg = sweep_cfg("+grid=dense_1b")
     return expand_from_cfg(cfg)[0], resource_model(cfg.resources)
 
 

@@ -18,7 +18,6 @@ import pytest
 import submitit
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from launch import executors
 from steplaw_train import corpus, locks
@@ -33,7 +32,7 @@ from steplaw_train.model import (
 )
 from steplaw_train.spec import ModelSpec, RunSpec, SpecError, TrainSpec
 from steplaw_train.train import make_plan, resolve_device, run
-from tests.conftest import TINY_DATA, tiny_options, tiny_spec
+from tests.conftest import TINY_DATA, sweep_cfg, tiny_options, tiny_spec
 
 PRESETS = sorted((config_dir() / "model").glob("*.yaml"))
 
@@ -73,17 +72,9 @@ def test_dry_run_builds_every_model_shape(tmp_path):
     block = f"grid.blocks=[{{model:[{names}],tokens:[1.0e9],lr:[0.001],batch_size:[64]}}]"
     from steplaw_train.sweep import sweep
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                block,
-                f"sweep_dir={tmp_path / 'sw'}",
-                "dry_run=true",
-                "launcher=local",
-            ],
-        )
+    cfg = sweep_cfg(
+        "+grid=tiny", block, f"sweep_dir={tmp_path / 'sw'}", "dry_run=true", "launcher=local"
+    )
     buf = io.StringIO()
     res = sweep(cfg, out=buf)
     assert res.submitted == ()

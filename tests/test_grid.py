@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch.executors import plan_arrays
 from launch.resources import resource_class, resource_model
@@ -17,14 +16,10 @@ from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import expand_from_cfg
 from steplaw_train.train import auto_micro_batch
+from tests.conftest import sweep_cfg
 
 GRIDS = sorted(p.stem for p in (config_dir() / "grid").glob("*.yaml"))
 SHARED = Path(os.environ.get("STEPLAW_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def sweep_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("sweep", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("name", GRIDS)

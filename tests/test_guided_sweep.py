@@ -9,15 +9,14 @@ import math
 import shutil
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch.status import RunStatus
 from steplaw_train import rundir
-from steplaw_train.config import config_dir
 from steplaw_train.search import SearchState
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import expand_from_cfg, guided, sweep
 from steplaw_train.sweep import status as status_cli
+from tests.conftest import tiny_sweep_cfg
 
 # Acceptance grid: one model, one D, 4 LR x 3 BS = 12 runs of 16-64 steps (~1-5 s each).
 # Measured with seed 1234 (smooth loss): bs=1 row 3.11 / 2.86 / 2.91 / 3.00 over lr
@@ -38,18 +37,7 @@ def _env(monkeypatch):
 
 
 def cfg_for(sweep_dir, data_root, grid, *overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                grid,
-                f"sweep_dir={sweep_dir}",
-                f"options.data_root={data_root}",
-                "launcher=debug",
-                *overrides,
-            ],
-        )
+    return tiny_sweep_cfg(sweep_dir, data_root, grid, "launcher=debug", *overrides)
 
 
 def saved_state(sweep_dir) -> tuple[SearchState, dict]:

@@ -19,6 +19,7 @@ import pytest
 from launch.executors import run_in_snapshot, snapshot_pythonpath
 from steplaw_train import provenance as pv
 from steplaw_train.spec import SpecError
+from tests.conftest import sweep_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,10 +214,8 @@ def test_a_tiny_sweeps_runs_record_their_code(tmp_path, monkeypatch):
     """Every run of a sweep records the code that trained it (spec.json, result.json, one
     code.jsonl line per start, wandb's config); each submission records the checkout's
     provenance, the command line's overrides and its config, which a later call keeps."""
-    from hydra import compose, initialize_config_dir
 
     from steplaw_train import rundir
-    from steplaw_train.config import config_dir
     from steplaw_train.sweep import sweep
     from steplaw_train.wandb_export import identity
 
@@ -228,9 +227,7 @@ def test_a_tiny_sweeps_runs_record_their_code(tmp_path, monkeypatch):
     def run(*extra: str):
         overrides = ["+grid=tiny", BLOCK, f"sweep_dir={sw}", "launcher=debug", *extra]
         overrides.append(f"options.data_root={tmp_path / 'data'}")
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("sweep", overrides=overrides)
-        return sweep(cfg, overrides=overrides), overrides
+        return sweep(sweep_cfg(*overrides), overrides=overrides), overrides
 
     res, overrides = run()
     (rid,) = res.submitted

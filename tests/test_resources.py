@@ -11,7 +11,7 @@ from launch.resources import ResourceModel, bucket_minutes, resource_class
 from launch.slurm_info import max_walltime_min, parse_time_min, with_cluster_limits
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import expand_from_cfg
-from tests.test_grid import sweep_cfg
+from tests.conftest import sweep_cfg
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
-from steplaw_train.config import config_dir
 from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
+from tests.conftest import tiny_sweep_cfg
 
 pytestmark = pytest.mark.slurm
 GRID6 = (
@@ -75,22 +74,17 @@ def cfg_for(sweep_dir: Path, data_root: Path, *overrides: str):
     # training of the same spec in another sweep dir, which a shared store would skip
     if not any(o.startswith("runs_root=") for o in overrides):
         slurm_only.append(f"runs_root={sweep_dir}/runs")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                GRID6,
-                "launcher=slurm",
-                f"sweep_dir={sweep_dir}",
-                f"options.data_root={data_root}",
-                # submitted from the checkout under test, which may hold uncommitted work; the
-                # refusal of a dirty tree is tests/test_provenance.py's and test_slurm_provenance.py's
-                "allow_dirty=true",
-                *slurm_only,
-                *overrides,
-            ],
-        )
+    return tiny_sweep_cfg(
+        sweep_dir,
+        data_root,
+        GRID6,
+        "launcher=slurm",
+        # submitted from the checkout under test, which may hold uncommitted work; the
+        # refusal of a dirty tree is tests/test_provenance.py's and test_slurm_provenance.py's
+        "allow_dirty=true",
+        *slurm_only,
+        *overrides,
+    )
 
 
 def wait_finished(sweep_dir: Path, run_ids, timeout_s: float = 240) -> dict[str, str]:

@@ -9,15 +9,14 @@ import math
 import shutil
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch import usage
 from launch.resources import ResourceModel, device_hours, resource_model
 from steplaw_train import rundir
-from steplaw_train.config import config_dir
 from steplaw_train.spec import RunSpec
 from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
+from tests.conftest import tiny_sweep_cfg
 
 BLOCK = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.004],batch_size:[4]}]"
 
@@ -29,18 +28,8 @@ def one_thread(monkeypatch):
 
 
 def cfg_for(sweep_dir, data_root, *overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                BLOCK,
-                f"sweep_dir={sweep_dir}",
-                f"runs_root={sweep_dir}/runs",  # the sweep's own runs: copy_of copies them
-                f"options.data_root={data_root}",
-                *overrides,
-            ],
-        )
+    # runs_root: the sweep's own runs, which copy_of copies
+    return tiny_sweep_cfg(sweep_dir, data_root, BLOCK, f"runs_root={sweep_dir}/runs", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from analysis import collect
 from launch.status import sweep_states
 from steplaw_train import checkpoint as ckpt
 from steplaw_train import rundir
-from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import cancel as cancel_mod
 from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
+from tests.conftest import tiny_sweep_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 # two grids sharing the lr=0.004 run; the shared run is each grid's first
@@ -40,18 +39,9 @@ def one_thread(monkeypatch):
 
 
 def cfg_for(sweep_dir, data_root, grid, *overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                grid,
-                f"grid.name={Path(sweep_dir).name}",
-                f"sweep_dir={sweep_dir}",
-                f"options.data_root={data_root}",
-                *overrides,
-            ],
-        )
+    return tiny_sweep_cfg(
+        sweep_dir, data_root, grid, f"grid.name={Path(sweep_dir).name}", *overrides
+    )
 
 
 def sweep_cmd(sweep_dir, data_root, grid, *overrides):

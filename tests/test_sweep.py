@@ -6,14 +6,13 @@ import io
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from launch.status import sweep_states
 from steplaw_train import provenance
-from steplaw_train.config import config_dir
 from steplaw_train.spec import SpecError
 from steplaw_train.sweep import status as status_cli
 from steplaw_train.sweep import sweep
+from tests.conftest import tiny_sweep_cfg
 
 # Two tiny runs of a few seconds each (the `tiny` grid restricted further).
 BLOCK = "grid.blocks=[{model:[demo_dense_small],tokens:[4096],lr:[0.002,0.004],batch_size:[4]}]"
@@ -33,17 +32,7 @@ def data_root(tmp_path_factory):
 
 
 def cfg_for(sweep_dir, data_root, *overrides):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                "+grid=tiny",
-                BLOCK,
-                f"sweep_dir={sweep_dir}",
-                f"options.data_root={data_root}",
-                *overrides,
-            ],
-        )
+    return tiny_sweep_cfg(sweep_dir, data_root, BLOCK, *overrides)
 
 
 def counts(sweep_dir):
