@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import submitit
-
+from launch import sbatch
 from launch.executors import slurm_parameters
 from launch.resources import ResourceClass
 
@@ -28,12 +27,12 @@ LAUNCHER = {
 
 
 def render(tmp: Path) -> str:
-    # a 2-node job of dense_1b planned for a 24 h partition (a run needing longer chains)
+    # a 2-node job of dense_1b planned for a 24 h partition (a run needing longer chains);
+    # the dry run's renderer, which needs no srun (the same text as the submission's
+    # AutoExecutor: tests/test_slurm_multinode.py)
     rc = ResourceClass(nodes=2, gpus_per_node=8, cpus_per_task=64, timeout_min=1440, segments=2)
-    ex = submitit.AutoExecutor(folder=tmp / "logs", cluster="slurm")
-    ex.update_parameters(name="steplaw_dense_1b", **slurm_parameters(rc, LAUNCHER))
-    ex._executor.parameters["map_count"] = 120  # what map_array sets for a 120-task array
-    text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit X", "UID")
+    params = slurm_parameters(rc, LAUNCHER)
+    text = sbatch.script(params, tmp / "logs", "steplaw_dense_1b", 120, f"{sbatch.COMMAND} X")
     return text.replace(str(tmp), "SWEEP_DIR")
 
 

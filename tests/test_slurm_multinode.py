@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+import submitit
 
 from launch import sbatch, slurm_info
-from launch.executors import plan_arrays
+from launch.executors import plan_arrays, run_in_snapshot, slurm_parameters
 from launch.resources import resource_model
-from steplaw_train.config import config_dir
 from steplaw_train.sweep import sweep
 from tests import test_slurm as base
+from tests.conftest import sweep_cfg
 from tests.test_slurm import cfg_for, wait_finished, wandb_ids
 
 pytestmark = pytest.mark.slurm
@@ -140,18 +140,14 @@ def test_job_array_spreads_over_both_nodes_and_completes(env):
 
 
 def gpu_cfg(sweep_dir: Path, grid: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(
-            "sweep",
-            overrides=[
-                f"+grid={grid}",
-                "dry_run=true",
-                "launcher=slurm",
-                "launcher.partition=gpu",
-                f"sweep_dir={sweep_dir}",
-                *overrides,
-            ],
-        )
+    return sweep_cfg(
+        f"+grid={grid}",
+        "dry_run=true",
+        "launcher=slurm",
+        "launcher.partition=gpu",
+        f"sweep_dir={sweep_dir}",
+        *overrides,
+    )
 
 
 def sbatch_test_only(folder: Path, cfg) -> list[str]:
@@ -169,6 +165,32 @@ def sbatch_test_only(folder: Path, cfg) -> list[str]:
         assert p.returncode == 0, f"{chunk.resources.label()}: {p.stderr}"
         replies.append(p.stderr)
     return replies
+
+
+def autoexecutor_text(chunk, lc, logs: Path, name: str, code: tuple[Path, str]) -> str:
+    """The script as the submission's AutoExecutor writes it (launch.executors._submit_arrays:
+    the same parameters; map_array sets map_count), which needs srun on PATH."""
+    ex = submitit.AutoExecutor(folder=logs, cluster="slurm")
+    ex.update_parameters(name=name, **run_in_snapshot(slurm_parameters(chunk.resources, lc), *code))
+    ex._executor.parameters["map_count"] = len(chunk.run_ids)
+    return ex._executor._make_submission_file_text(f"{sbatch.COMMAND} {logs}", "UID")
+
+
+@pytest.mark.parametrize("grid", ["dense_1b", "dense", "moe"])
+def test_dry_run_scripts_are_the_submissions(grid, tmp_path):
+    """The dry run renders without srun (launch.sbatch translates AutoExecutor's parameters
+    itself); where srun exists the text must be AutoExecutor's, for every job array of a paper
+    grid, so a script reviewed before spending is the one that runs."""
+    extra = {"account": "lab", "qos": "high", "setup": ["module load cuda"], "partition": "gpu"}
+    cfg = gpu_cfg(tmp_path / "sw", grid, "resources.max_nodes=2")
+    res = sweep(cfg, out=io.StringIO())
+    lc = {**cfg.launcher, **extra, "additional_by_class": {"*x8gpu/*": {"exclusive": True}}}
+    chunks = plan_arrays(res.specs, resource_model(cfg.resources), 1001)
+    code = (tmp_path / "code", f"{tmp_path / 'code'}:/site")
+    assert len({c.resources for c in chunks}) > 1
+    for chunk in chunks:
+        want = autoexecutor_text(chunk, lc, tmp_path / "logs", "steplaw_x", code)
+        assert sbatch.render(chunk, lc, tmp_path / "logs", "steplaw_x", code) == want
 
 
 @pytest.mark.parametrize("grid", ["dense_1b", "dense"])
