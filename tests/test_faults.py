@@ -259,6 +259,40 @@ def test_sweep_refuses_bad_fields_before_writing(tmp_path, override, field):
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_slurm_submission_without_slurm_here_is_refused_before_writing(
+    tmp_path, monkeypatch, data_root
+):
+    """launcher=slurm on a laptop: one error naming the launcher and what works here, before
+    the sweep dir exists (submitit used to fail after recording every run); the dry run of the
+    same sweep still writes its sbatch scripts; with sbatch and srun on PATH it passes."""
+    import io
+
+    from steplaw_train.sweep import sweep
+    from steplaw_train.sweep.common import check_slurm_here
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git"))  # provenance still asks git
+    monkeypatch.setenv("PATH", str(bin_dir))
+    sw = tmp_path / "sw"
+    base = ("+grid=tiny", "launcher=slurm", "allow_dirty=true", f"sweep_dir={sw}")
+    base += (f"options.data_root={data_root}",)
+    cfg = sweep_cfg(*base)
+    with pytest.raises(SpecError, match=r"^launcher\.name: slurm, but sbatch and srun not on PATH"):
+        sweep(cfg)
+    assert not sw.exists()
+    sweep(sweep_cfg(*base, "dry_run=true", f"dry_run_sbatch={tmp_path / 'sb'}"), out=io.StringIO())
+    scripts = list((tmp_path / "sb").glob("*.sbatch"))
+    assert scripts and "#SBATCH --array=0-" in scripts[0].read_text() and not sw.exists()
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+        if name == "sbatch":
+            with pytest.raises(SpecError, match=r"slurm, but srun not on PATH"):
+                check_slurm_here(cfg)
+    check_slurm_here(cfg)  # both present: not refused here
+
+
 def test_entry_points_print_one_line_and_exit_2(tmp_path):
     run_dir = tmp_path / "run"
     _one_line_error(

@@ -18,6 +18,7 @@ again (the launcher re-checks under the store's claim lock right before submitti
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -222,6 +223,7 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     """Expand and validate everything a sweep needs before it touches the sweep dir."""
     check_sweep_fields(cfg)
     code, prov = check_code(cfg)
+    check_slurm_here(cfg)
     specs = expand_from_cfg(cfg, overrides)
     grid_name = str(cfg.grid.get("name", "grid"))
     options = config_mod.options_from_cfg(cfg.get("options"))
@@ -271,6 +273,24 @@ def check_code(cfg: Any) -> tuple[provenance.CodeState, dict[str, Any]]:
     if name == "slurm" and not cfg.get("dry_run", False):
         provenance.check_clean(code, bool(cfg.get("allow_dirty", False)))
     return code, prov
+
+
+def check_slurm_here(cfg: Any) -> None:
+    """A SLURM submission (not a dry run) from a machine without SLURM's commands is refused
+    here, before a file is written: submitit would fail only after the sweep dir, the code
+    snapshot and every run's spec were recorded, with its own traceback. It needs `sbatch` to
+    submit and `srun` (its check that this is a cluster, and each job's launch). The dry run
+    renders the scripts anywhere."""
+    name = executors.resolve_launcher(str(plain(cfg.get("launcher")).get("name", "auto")))
+    if name != "slurm" or cfg.get("dry_run", False):
+        return
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise SpecError(
+            "launcher.name",
+            f"slurm, but {' and '.join(missing)} not on PATH here (not a SLURM login node?); "
+            "allowed here: local, debug, or dry_run=true to write the sbatch scripts",
+        )
 
 
 def code_line(setup: Setup) -> str:
