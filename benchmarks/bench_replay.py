@@ -33,9 +33,9 @@ the "heldout" ones (seeds 1000..), which differ in kind, not only in seed. Per s
 prior it prints the median and worst over draws of the GPU-hours fraction, the mean gap and the
 max gap (‰), the share of draws meeting the targets and its 95% Wilson interval (steplaw prior:
 ≤5% GPU-hours on the dense table's perturbations, ≤10% on the MoE tables, mean ≤0.1‰, max
-≤0.5‰; none: ≤10%, mean ≤0.2‰), and the share of draws where the guided search is no worse in mean gap than the
-4-neighbour hill-climb (from the law's point; from the grid centre with no prior) at no more
-GPU-hours ("dominates").
+≤0.5‰; none: ≤10%, mean ≤0.2‰), and the share of draws where the guided search is no worse in
+mean gap than the 4-neighbour hill-climb (from the law's point; from the grid centre with no
+prior) at no more GPU-hours ("dominates").
 """
 
 from __future__ import annotations

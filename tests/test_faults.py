@@ -284,12 +284,15 @@ def test_a_slurm_submission_without_slurm_here_is_refused_before_writing(
     sweep(sweep_cfg(*base, "dry_run=true", f"dry_run_sbatch={tmp_path / 'sb'}"), out=io.StringIO())
     scripts = list((tmp_path / "sb").glob("*.sbatch"))
     assert scripts and "#SBATCH --array=0-" in scripts[0].read_text() and not sw.exists()
-    for name in ("sbatch", "srun"):
+
+    def install(name: str) -> None:
         (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
         (bin_dir / name).chmod(0o755)
-        if name == "sbatch":
-            with pytest.raises(SpecError, match=r"slurm, but srun not on PATH"):
-                check_slurm_here(cfg)
+
+    install("sbatch")
+    with pytest.raises(SpecError, match=r"slurm, but srun not on PATH"):
+        check_slurm_here(cfg)
+    install("srun")
     check_slurm_here(cfg)  # both present: not refused here
 
 

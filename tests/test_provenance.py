@@ -214,7 +214,6 @@ def test_a_tiny_sweeps_runs_record_their_code(tmp_path, monkeypatch):
     """Every run of a sweep records the code that trained it (spec.json, result.json, one
     code.jsonl line per start, wandb's config); each submission records the checkout's
     provenance, the command line's overrides and its config, which a later call keeps."""
-
     from steplaw_train import rundir
     from steplaw_train.sweep import sweep
     from steplaw_train.wandb_export import identity

@@ -264,13 +264,19 @@ def setup_from_cfg(cfg: Any, overrides: Sequence[str] = ()) -> Setup:
     )
 
 
+def submits_to_slurm(cfg: Any) -> bool:
+    """Whether this invocation submits to SLURM (launcher slurm, or auto on a login node; not a
+    dry run): what the checks before any write below apply to."""
+    name = executors.resolve_launcher(str(plain(cfg.get("launcher")).get("name", "auto")))
+    return name == "slurm" and not cfg.get("dry_run", False)
+
+
 def check_code(cfg: Any) -> tuple[provenance.CodeState, dict[str, Any]]:
     """The submitting checkout's provenance; a SLURM submission (not a dry run) from a dirty
     tree is refused here, before the cluster is asked anything or a file is written, unless
     `allow_dirty=true` (its jobs would run code no commit holds)."""
     code, prov = provenance.checkout_provenance()
-    name = executors.resolve_launcher(str(plain(cfg.get("launcher")).get("name", "auto")))
-    if name == "slurm" and not cfg.get("dry_run", False):
+    if submits_to_slurm(cfg):
         provenance.check_clean(code, bool(cfg.get("allow_dirty", False)))
     return code, prov
 
@@ -281,8 +287,7 @@ def check_slurm_here(cfg: Any) -> None:
     snapshot and every run's spec were recorded, with its own traceback. It needs `sbatch` to
     submit and `srun` (its check that this is a cluster, and each job's launch). The dry run
     renders the scripts anywhere."""
-    name = executors.resolve_launcher(str(plain(cfg.get("launcher")).get("name", "auto")))
-    if name != "slurm" or cfg.get("dry_run", False):
+    if not submits_to_slurm(cfg):
         return
     missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
     if missing:
